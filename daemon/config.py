@@ -1,0 +1,338 @@
+"""Typed, validated configuration: YAML -> frozen dataclasses.
+
+Every section is a dataclass; `load_config(path)` checks each key against the dataclass fields,
+so a typo, a wrong type or an out-of-range value raises `ConfigError` naming the key path, the
+value and the file. Model presets are filled in by name (`model.preset`), explicit keys win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DTYPES = ("uint16", "int16", "int32", "float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and the file."""
+
+    def __init__(self, key: str, value: Any, problem: str, source: str = "<dict>"):
+        self.key, self.value, self.problem, self.source = key, value, problem, source
+        super().__init__(f"{source}: config key '{key}' = {value!r}: {problem}")
+
+
+def _range(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict:
+    return {"lo": lo, "hi": hi, **kw}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with an optional inclusive range and a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=_range(lo, hi, doc=doc))
+    return field(default=default, metadata=_range(lo, hi, doc=doc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and pipeline (the foundation)
+# ----------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ConvNeXtV2-atto sized encoder, a light BiFPN: the fast default.
+    "peaknet-atto": {"kind": "peaknet", "dims": [40, 80, 160, 320], "depths": [2, 2, 6, 2],
+                     "bifpn_blocks": 1, "bifpn_features": 64, "num_classes": 2},
+    # Upstream PeakNet "small".
+    "peaknet-small": {"kind": "peaknet", "dims": [96, 192, 384, 768], "depths": [3, 3, 9, 3],
+                      "bifpn_blocks": 2, "bifpn_features": 256, "num_classes": 2},
+    "classical": {"kind": "classical"},
+}
+
+
+@dataclass(frozen=True)
+class ClassicalConfig:
+    """peakfinder8-style thresholds (all in ADU of the raw frame)."""
+
+    snr_threshold: float = _f(5.0, 0.0, doc="minimum (pixel - local mean) / local sigma")
+    adc_threshold: float = _f(0.0, doc="minimum background-subtracted value of a peak pixel")
+    min_pixels: int = _f(2, 1, doc="smallest accepted peak, pixels")
+    max_pixels: int = _f(50, 1, doc="largest accepted peak, pixels")
+    inner_radius: int = _f(3, 1, 64, doc="annulus inner radius for the local background")
+    outer_radius: int = _f(6, 2, 128, doc="annulus outer radius for the local background")
+    bad_pixel_mask: str = _f("", doc="optional .npy of shape (P,H,W), nonzero = bad")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _f("peaknet-atto", doc="peaknet-atto | peaknet-small | classical")
+    kind: Literal["peaknet", "classical"] = _f("peaknet")
+    dims: list[int] = _f([40, 80, 160, 320])
+    depths: list[int] = _f([2, 2, 6, 2])
+    bifpn_blocks: int = _f(1, 1, 8)
+    bifpn_features: int = _f(64, 8, 1024)
+    num_classes: int = _f(2, 1, 16)
+    checkpoint: str = _f("", doc="safetensors or torch file; empty = random weights; 'default' = shipped")
+    threshold: float = _f(0.5, 0.0, 1.0, doc="peak-class probability that marks a pixel")
+    classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = _f(16, 1, 4096, doc="frames per batch")
+    max_batch_delay_ms: float = _f(20.0, 0.0, 60000.0, doc="release a partial batch after this")
+    buffers: int = _f(3, 2, 16, doc="N-way buffering: pinned slots in flight")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32")
+    channels_last: bool = _f(False)
+    compile: bool = _f(False)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f("default")
+    max_peaks: int = _f(256, 1, 65535, doc="peaks kept per panel (brightest); overflow counted")
+    min_pixels: int = _f(1, 1, doc="smallest component kept as a peak (model path)")
+    max_pixels: int = _f(400, 1, doc="largest component kept as a peak (model path)")
+    frame_shape: list[int] = _f([16, 352, 384], 1, doc="[panels, H, W] every frame must have")
+    dtype: Literal["uint16", "int16", "int32", "float16", "float32"] = _f("float32")
+    device: str = _f("auto", doc="auto | cpu | cuda | cuda:N")
+
+
+# ----------------------------------------------------------------------------------------------
+# Daemon sections
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = _f("", doc="empty = embedded local instance; 'auto' or host:port = join")
+    namespace: str = _f("peaknet")
+    num_cpus: int = _f(0, 0, doc="embedded instance only; 0 = Ray's default")
+    max_restarts: int = _f(-1, -1, doc="actor restarts by Ray; -1 = unlimited")
+
+
+@dataclass(frozen=True)
+class GpusConfig:
+    validate: bool = _f(True, doc="run the health check before Ray starts")
+    min_gpus: int = _f(0, 0)
+    max_actors: int = _f(0, 0, doc="0 = one per healthy GPU")
+    cpu_fallback: bool = _f(True, doc="run on CPU actors when no GPU is healthy")
+    cpu_actors: int = _f(1, 1, 256)
+    max_temperature_c: float = _f(85.0, 0.0, 150.0)
+    min_free_memory_gb: float = _f(4.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    endpoint: str = _f("tcp://127.0.0.1:5555")
+    mode: Literal["connect", "bind"] = _f("connect")
+    format: Literal["peaknet/1", "lclstreamer-npz"] = _f("peaknet/1")
+    rcvhwm: int = _f(64, 1, 1_000_000, doc="ZMQ receive high-water mark, messages")
+    max_message_bytes: int = _f(256 * 2**20, 1024, doc="larger messages are rejected")
+    threads: int = _f(1, 1, 64, doc="ingest threads (each its own PULL socket) for this endpoint")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    sockets: list[SocketConfig] = field(default_factory=lambda: [SocketConfig()])
+    run_end_grace_s: float = _f(10.0, 0.0, doc="after 'end', wait this long for missing frames")
+    reject_log_interval_s: float = _f(10.0, 0.0)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    results_endpoint: str = _f("", doc="empty = no results stream")
+    results_mode: Literal["push", "pub"] = _f("push")
+    results_bind: bool = _f(True)
+    results_sndhwm: int = _f(10000, 1)
+    cxi_dir: str = _f("", doc="empty = no CXI files")
+    frames_per_file: int = _f(1000, 1)
+    save_frames: Literal["hits", "all", "none"] = _f("hits")
+    hit_threshold: int = _f(10, 0, doc="a frame is a hit with at least this many peaks")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = _f(True)
+    host: str = _f("127.0.0.1")
+    port: int = _f(9108, 0, 65535, doc="0 = pick a free port (logged)")
+    interval_s: float = _f(2.0, 0.1, doc="how often actor stats are gathered")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
+    level: Literal["debug", "info", "warning", "error"] = _f("info")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    gpus: GpusConfig = field(default_factory=GpusConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------
+
+def _check_value(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, value, f"must be one of {list(typing.get_args(tp))}", source)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(args[0], value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "must be a list", source)
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false", source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer", source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number", source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string", source)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if lo is not None and v < lo:
+            raise ConfigError(key, value, f"must be >= {lo}", source)
+        if hi is not None and v > hi:
+            raise ConfigError(key, value, f"must be <= {hi}", source)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<top>", data, "must be a mapping", source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(key, data[unknown[0]], f"unknown key (known: {', '.join(fields)})", source)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        checked = _check_value(hints[name], value, key, source)
+        _check_range(fields[name], checked, key, source)
+        kwargs[name] = checked
+    return cls(**kwargs)
+
+
+def _apply_preset(model: dict, source: str) -> dict:
+    preset = model.get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        raise ConfigError("model.preset", preset, f"unknown preset (known: {', '.join(PRESETS)})", source)
+    return {**PRESETS[preset], **model, "preset": preset}
+
+
+def _cross_check(cfg: Config) -> None:
+    src = cfg.source
+    if len(cfg.pipeline.frame_shape) != 3:
+        raise ConfigError("pipeline.frame_shape", cfg.pipeline.frame_shape, "must be [panels, H, W]", src)
+    m = cfg.model
+    if m.kind == "peaknet" and (len(m.dims) != 4 or len(m.depths) != 4):
+        raise ConfigError("model.dims", m.dims, "peaknet needs 4 stage dims and 4 depths", src)
+    c = m.classical
+    if c.outer_radius <= c.inner_radius:
+        raise ConfigError("model.classical.outer_radius", c.outer_radius, "must exceed inner_radius", src)
+    if c.max_pixels < c.min_pixels:
+        raise ConfigError("model.classical.max_pixels", c.max_pixels, "must be >= min_pixels", src)
+    if cfg.pipeline.max_pixels < cfg.pipeline.min_pixels:
+        raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
+    if not cfg.ingest.sockets:
+        raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
+
+
+def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:
+    """Build and validate a Config from a plain mapping (as YAML gives)."""
+    data = dict(data or {})
+    if not isinstance(data.get("model", {}), dict):
+        raise ConfigError("model", data["model"], "must be a mapping", source)
+    data["model"] = _apply_preset(dict(data.get("model") or {}), source)
+    cfg = _build(Config, data, "", source)
+    cfg = dataclasses.replace(cfg, source=source)
+    _cross_check(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read a YAML file into a validated Config; errors name the key and this file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("<file>", str(path), f"cannot read: {exc.strerror}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", str(path), f"not valid YAML: {exc}", str(path)) from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("<top>", data, "the file must hold a mapping of sections", str(path))
+    return config_from_dict(data, str(path))
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a new validated Config with dotted-key overrides, e.g. {'pipeline.batch_size': 8}."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if "model.preset" in overrides:  # a new preset replaces the old preset's sizes
+        explicit = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+        data["model"] = {**{k: v for k, v in data["model"].items() if k in ("checkpoint", "threshold", "classical")},
+                         **explicit}
+    return config_from_dict(data, cfg.source + " (with overrides)")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (what `--check` prints)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, list):
+            v = [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
+        out[f.name] = v
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
