@@ -142,7 +142,7 @@ class IngestConfig:
 class OutputConfig:
     results_endpoint: str = _f("", doc="empty = no results stream")
     results_mode: Literal["push", "pub"] = _f("push")
-    results_bind: bool = _f(True)
+    results_bind: bool = _f(False, doc="false: actors connect to a consumer that binds; true: actor i binds port + i")
     results_sndhwm: int = _f(10000, 1)
     cxi_dir: str = _f("", doc="empty = no CXI files")
     frames_per_file: int = _f(1000, 1)
