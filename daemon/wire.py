@@ -105,7 +105,7 @@ def decode_header(raw: bytes | memoryview) -> Header:
     if len(raw) > MAX_HEADER_BYTES:
         raise Rejected("oversize", f"header of {len(raw)} bytes")
     try:
-        h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise Rejected("not_msgpack", type(exc).__name__) from None
     if not isinstance(h, dict):

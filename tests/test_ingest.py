@@ -1,0 +1,145 @@
+"""Ingest: every message ends as a frame, a control event or a rejection counted by reason."""
+
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from peaknet_daemon.config import SocketConfig
+from peaknet_daemon.ingest import SocketReader, socket_endpoint
+from peaknet_daemon.wire import encode_control, encode_frame
+
+SHAPE, DTYPE = (2, 8, 8), "float32"
+
+
+class Collector:
+    def __init__(self):
+        self.frames, self.controls, self.rejects = [], [], []
+        self.cond = threading.Condition()
+
+    def on_frame(self, array, tag):
+        with self.cond:
+            self.frames.append((array.copy(), tag))
+            self.cond.notify_all()
+
+    def on_control(self, header):
+        with self.cond:
+            self.controls.append(header)
+            self.cond.notify_all()
+
+    def on_reject(self, reason, detail):
+        with self.cond:
+            self.rejects.append(reason)
+            self.cond.notify_all()
+
+    def wait_total(self, n, timeout=10):
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.frames) + len(self.controls) + len(self.rejects) >= n,
+                                      timeout), (self.frames, self.controls, self.rejects)
+
+
+def bad_messages():
+    good = np.ones(SHAPE, np.float32)
+    header = msgpack.unpackb(encode_frame(good, "s", 0)[0])
+    nan = good.copy()
+    nan[0, 1, 1] = np.nan
+
+    def with_header(**changes):
+        h = {**header, **changes}
+        for k, v in list(h.items()):
+            if v is None:
+                del h[k]
+        return [msgpack.packb(h), good.tobytes()]
+
+    return [
+        ("not_msgpack", [b"\xc1\xc1\xc1 random bytes"]),
+        ("not_msgpack", [b"\xc1", good.tobytes()]),
+        ("bad_header", [msgpack.packb([1, 2, 3]), good.tobytes()]),
+        ("unknown_proto", with_header(proto="peaknet/0")),
+        ("unknown_proto", with_header(proto=None)),
+        ("unknown_type", with_header(type="frames")),
+        ("bad_header", with_header(seq="one")),
+        ("wrong_shape", with_header(shape=[2, 8, 9])),
+        ("wrong_shape", with_header(shape="2x8x8")),
+        ("wrong_dtype", with_header(dtype="float64")),
+        ("wrong_dtype", with_header(dtype="uint16")),
+        ("size_mismatch", [msgpack.packb(header), good.tobytes()[:-4]]),
+        ("wrong_parts", [msgpack.packb(header)]),
+        ("oversize", [msgpack.packb(header), good.tobytes() * 200]),
+        ("non_finite", encode_frame(nan, "s", 0)),
+    ]
+
+
+@pytest.fixture
+def reader_and_sender(tmp_path):
+    ctx = zmq.Context()
+    col = Collector()
+    endpoint = f"ipc://{tmp_path}/in.sock"
+    cfg = SocketConfig(endpoint=endpoint, mode="bind", max_message_bytes=64 * 1024)
+    reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
+    stop = threading.Event()
+    thread = threading.Thread(target=reader.run, args=(stop,))
+    thread.start()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    yield col, push
+    stop.set()
+    thread.join()
+    push.close(linger=0)
+    ctx.term()
+
+
+def test_bad_messages_are_rejected_by_reason_and_good_ones_interleaved_pass(reader_and_sender):
+    col, push = reader_and_sender
+    bad = bad_messages()
+    push.send_multipart(encode_control("start", "s", run=3))
+    sent_good = []
+    for i, (_, parts) in enumerate(bad):
+        push.send_multipart(parts)
+        frame = np.full(SHAPE, i, np.float32)
+        push.send_multipart(encode_frame(frame, "s", i, run=3))
+        sent_good.append(frame)
+    push.send_multipart(encode_control("end", "s", run=3, count=len(sent_good)))
+    col.wait_total(2 + 2 * len(bad))
+    assert col.rejects == [reason for reason, _ in bad]
+    assert [tag.seq for _, tag in col.frames] == list(range(len(bad)))
+    for (array, tag), sent in zip(col.frames, sent_good):
+        np.testing.assert_array_equal(array, sent)
+        assert tag.run == 3 and tag.source == "s" and tag.received_at > 0
+    assert [(c.type, c.count) for c in col.controls] == [("start", 0), ("end", len(bad))]
+
+
+def test_bind_endpoint_is_base_port_plus_actor_index():
+    sock = SocketConfig(endpoint="tcp://0.0.0.0:6000", mode="bind")
+    assert [socket_endpoint(sock, i) for i in range(3)] == [f"tcp://0.0.0.0:{6000 + i}" for i in range(3)]
+    assert socket_endpoint(SocketConfig(endpoint="tcp://daq:6000", mode="connect"), 2) == "tcp://daq:6000"
+
+
+def test_lclstreamer_npz_batches_become_frames(tmp_path):
+    import io
+    col = Collector()
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/npz.sock"
+    cfg = SocketConfig(endpoint=endpoint, mode="bind", format="lclstreamer-npz")
+    reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
+    stop = threading.Event()
+    thread = threading.Thread(target=reader.run, args=(stop,))
+    thread.start()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    data = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, detector_data=data, timestamp=np.array([1.0, 2.0, 3.0]), photon_wavelength=np.full(3, 1.3))
+    push.send(buf.getvalue())
+    push.send(b"not an npz")
+    col.wait_total(4)
+    stop.set()
+    thread.join()
+    push.close(linger=0)
+    ctx.term()
+    assert col.rejects == ["bad_npz"]
+    assert [tag.seq for _, tag in col.frames] == [0, 1, 2]
+    np.testing.assert_array_equal(np.stack([a for a, _ in col.frames]), data)
+    assert col.frames[0][1].meta["photon_energy_ev"] == pytest.approx(12398.4198 / 1.3)
