@@ -29,7 +29,7 @@ class PipelineActor:
         self.worker = Worker(cfg, index, ingest=ingest)
 
     def ready(self) -> dict:
-        return self.worker.ready()
+        return {**self.worker.ready(), "node": ray.get_runtime_context().get_node_id()}
 
     def stats(self) -> dict:
         return self.worker.stats()

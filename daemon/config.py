@@ -148,6 +148,7 @@ class OutputConfig:
     frames_per_file: int = _f(1000, 1)
     save_frames: Literal["hits", "all", "none"] = _f("hits")
     hit_threshold: int = _f(10, 0, doc="a frame is a hit with at least this many peaks")
+    compression: Literal["gzip", "lzf", "none"] = _f("gzip", doc="of saved frames; CrystFEL reads gzip and none")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class Supervisor:
         cfg = self.cfg
         if not cfg.ray.address:
             n_gpus = self._local_gpus()
-            kwargs: dict[str, Any] = {"namespace": cfg.ray.namespace, "include_dashboard": False,
+            kwargs: dict[str, Any] = {"address": "local", "namespace": cfg.ray.namespace, "include_dashboard": False,
                                       "num_gpus": n_gpus, "log_to_driver": True}
             if cfg.ray.num_cpus:
                 kwargs["num_cpus"] = cfg.ray.num_cpus
@@ -110,6 +110,7 @@ class Supervisor:
                 log.error("gpu_unhealthy", gpu=r.index, problems=r.problems)
         if healthy:
             visible = healthy_visible_devices(reports, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
             log.info("gpus_selected", cuda_visible_devices=visible, healthy=len(healthy), total=len(reports))
         return self._check_minimum(len(healthy), len(reports))

@@ -11,7 +11,6 @@ Every received frame ends in a result or a counted rejection, also on `stop()`.
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import threading
 import time
@@ -26,9 +25,10 @@ from .batching import BatchAssembler
 from .config import Config
 from .ingest import FrameTag, SocketReader, socket_endpoint
 from .log import RateLimitedLog, get_logger
-from .pipeline import Pipeline
+from .metrics import process_rss_bytes
+from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
-from .sinks.cxi import CxiWriter, SinkError, write_geometry
+from .sinks.cxi import CxiWriter, SinkError, default_max_peaks, write_geometry
 from .sinks.results_stream import ResultStream
 from .wire import Header
 
@@ -145,14 +145,35 @@ class Worker:
             self._assembler.flush_due()
 
     # ------------------------------------------------------------------ results
+    def _keep_input(self, peaks: FramePeaks) -> bool:
+        """Which frames' data the CXI writer needs (copied out before the slot is reused)."""
+        out = self.cfg.output
+        if not out.cxi_dir or out.save_frames == "none":
+            return False
+        return out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
+
+    def _collect(self, block: bool) -> list[BatchResult]:
+        """Finished batches; a batch the device failed on is counted and logged, never fatal."""
+        try:
+            return self.pipeline.collect(block=block, timeout=0.1 if block else None, keep_inputs=self._keep_input)
+        except BatchFailed as exc:
+            with self._stats_lock:
+                self._rejected["pipeline_error"] += len(exc.tags)
+            log.error("batch_failed", error=str(exc), worker=self.name,
+                      frames=[(t.source, t.seq) for t in exc.tags])
+            return []
+
     def _result_loop(self) -> None:
         while not self._stop_results.is_set():
-            for batch in self.pipeline.collect(block=True, timeout=0.1):
-                self._handle_batch(batch)
+            for batch in self._collect(block=True):
+                try:
+                    self._handle_batch(batch)
+                except Exception as exc:  # the result thread must outlive any bad batch
+                    self._sink_error("result_thread", exc)
 
     def _handle_batch(self, batch: BatchResult, deliver: bool = True) -> None:
         out = self.cfg.output
-        inputs = getattr(batch, "inputs", None)
+        inputs = batch.inputs
         peaks_total = hits = 0
         for i, (tag, peaks) in enumerate(zip(batch.tags, batch.frames)):
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
@@ -178,7 +199,7 @@ class Worker:
         if self.cfg.output.cxi_dir:
             try:
                 self._writer(result["run"]).write(result, frame)
-            except (SinkError, OSError) as exc:
+            except (SinkError, OSError, ValueError) as exc:
                 self._sink_error("cxi", exc)
 
     def _sink_error(self, sink: str, exc: Exception) -> None:
@@ -197,10 +218,11 @@ class Worker:
                 geom = os.path.join(out.cxi_dir, "peaknet-slab.geom")
                 if not os.path.exists(geom):
                     write_geometry(geom, shape)
-                writer = CxiWriter(out.cxi_dir, f"r{run}-w{self.index}-{self.incarnation[:6]}", shape, p.dtype,
-                                   max_peaks=min(p.max_peaks * shape[0], 2048),
+                writer = CxiWriter(out.cxi_dir, f"w{self.index}-{self.incarnation[:6]}", shape, p.dtype,
+                                   max_peaks=default_max_peaks(p.max_peaks, shape[0]),
                                    frames_per_file=out.frames_per_file, save_frames=out.save_frames,
-                                   hit_threshold=out.hit_threshold)
+                                   hit_threshold=out.hit_threshold, compression=out.compression,
+                                   geometry=False)
                 self._writers[run] = writer
             return writer
 
@@ -221,7 +243,7 @@ class Worker:
                 "hits": self._hits, "rejected": dict(self._rejected), "sink_errors": dict(self._sink_errors),
                 "runs": [[s, r, n] for (s, r), n in self._runs.items()], "controls": list(self._controls),
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
-                "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_bytes": process_rss_bytes(),
                 "device_mem_bytes": self._device_memory(),
             }
 

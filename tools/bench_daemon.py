@@ -1,0 +1,206 @@
+"""End-to-end benchmark: K producers -> ZMQ -> peaknet-daemon -> results stream.
+
+For each model and K it starts the real daemon (`peaknet-daemon --config`, embedded Ray, one
+actor per GPU or one CPU actor) with K ingest sockets, runs K `peaknet-producer random`
+processes as fast as they go, and measures at the results consumer:
+- end-to-end frames/s (results received over the steady window),
+- latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate,
+and the model-only rate of the same model and batch for the ratio (end-to-end / model-only).
+
+  python tools/bench_daemon.py                          # CPU: tiny frames, a quick look
+  python tools/bench_daemon.py --frame-shape 16,352,384 --precision bf16 --compile \
+      --models peaknet-atto,peaknet-small --producers 1,2,4   # the GPU table in the README
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import yaml
+import zmq
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def daemon_config(model: str, args, k: int, results: str, metrics_port: int, tmp: Path) -> dict:
+    shape = [int(v) for v in args.frame_shape.split(",")]
+    return {
+        "model": {"preset": model, "checkpoint": args.checkpoint if model != "classical" else ""},
+        "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
+                     "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
+                     "channels_last": args.compile, "compile": args.compile,
+                     "compile_mode": "max-autotune-no-cudagraphs", "device": "auto"},
+        "ray": {"num_cpus": max(2, k + 1)},
+        "gpus": {"cpu_fallback": True, "cpu_actors": 1, "max_actors": args.gpus},
+        "ingest": {"sockets": [{"endpoint": f"ipc://{tmp}/in{i}.sock", "mode": "bind", "rcvhwm": 8}
+                               for i in range(k)]},
+        "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
+                   "hit_threshold": 10, "cxi_dir": ""},
+        "metrics": {"port": metrics_port, "interval_s": 1.0},
+        "logging": {"format": "json", "level": "warning"},
+    }
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)  # polling an HTTP endpoint of another process; no event to wait on
+    raise TimeoutError("daemon not ready")
+
+
+def producers(k: int, tmp: Path, args, frames: int, rate: float) -> list[subprocess.Popen]:
+    procs = []
+    for i in range(k):
+        cmd = [sys.executable, "-m", "peaknet_producers.cli", "random", "--endpoint", f"ipc://{tmp}/in{i}.sock",
+               "--connect", "--shape", args.frame_shape, "--dtype", args.dtype, "--frames", str(frames),
+               "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def consume(pull: zmq.Socket, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
+    """Receive n results; returns arrival times and reported latencies (ms)."""
+    arrivals, latencies = [], []
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while len(arrivals) < n and time.monotonic() < deadline:
+        if poller.poll(1000):
+            r = msgpack.unpackb(pull.recv(), raw=False)
+            arrivals.append(time.perf_counter())
+            latencies.append(r["latency_ms"])
+    return arrivals, latencies
+
+
+def steady_rate(arrivals: list[float]) -> float:
+    """Frames/s over the middle 80% of arrivals (start-up and tail excluded)."""
+    if len(arrivals) < 10:
+        return float("nan")
+    a, b = int(len(arrivals) * 0.1), int(len(arrivals) * 0.9)
+    return (b - a) / (arrivals[b] - arrivals[a])
+
+
+def run_case(model: str, k: int, args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="pnbench-"))
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 100000)
+    results = f"ipc://{tmp}/results.sock"
+    pull.bind(results)
+    mport = free_port()
+    cfg_path = tmp / "daemon.yaml"
+    cfg_path.write_text(yaml.safe_dump(daemon_config(model, args, k, results, mport, tmp)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    daemon = subprocess.Popen([sys.executable, "-m", "peaknet_daemon.cli", "--config", str(cfg_path)], env=env,
+                              stderr=open(tmp / "daemon.log", "w"))
+    row = {"model": model, "producers": k}
+    try:
+        wait_ready(mport, daemon)
+        # warm-up (compile, allocator), then the max-rate run, then 80% of it for latency
+        for p in producers(k, tmp, args, args.warmup, 0):
+            p.wait()
+        consume(pull, args.warmup * k, 600)
+        per = args.frames // k
+        procs = producers(k, tmp, args, per, 0)
+        arrivals, lat = consume(pull, per * k, 600)
+        for p in procs:
+            p.wait()
+        row["fps"] = steady_rate(arrivals)
+        row["received"] = len(arrivals)
+        rate80 = 0.8 * row["fps"] / k
+        n80 = max(int(rate80 * args.latency_seconds), 20)
+        procs = producers(k, tmp, args, n80, rate80)
+        _, lat80 = consume(pull, n80 * k, 600)
+        for p in procs:
+            p.wait()
+        row["p50_ms"], row["p99_ms"] = (float(np.percentile(lat80, q)) for q in (50, 99))
+        row["p50_ms_max_rate"], row["p99_ms_max_rate"] = (float(np.percentile(lat, q)) for q in (50, 99))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        pull.close(linger=0)
+        ctx.term()
+    return row
+
+
+def model_only(model: str, args) -> float:
+    """Frames/s of finder + extraction on a device-resident batch (the same model and batch)."""
+    import torch
+
+    from peaknet_daemon.config import config_from_dict
+    from peaknet_daemon.pipeline_throughput import model_only_rate
+    cfg = config_from_dict({k: v for k, v in daemon_config(model, args, 1, "", 0, Path("/tmp")).items()
+                            if k in ("model", "pipeline")}, "<bench>")
+    return model_only_rate(cfg, seconds=args.seconds, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="peaknet-atto,peaknet-small" if gpu else "classical,peaknet-atto")
+    p.add_argument("--producers", default="1,2,4" if gpu else "1,2")
+    p.add_argument("--frame-shape", default="16,352,384" if gpu else "2,64,64")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-delay-ms", type=float, default=20)
+    p.add_argument("--precision", default="bf16" if gpu else "fp32")
+    p.add_argument("--compile", action="store_true", default=False)
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--frames", type=int, default=3000 if gpu else 300)
+    p.add_argument("--warmup", type=int, default=64 if gpu else 16)
+    p.add_argument("--latency-seconds", type=float, default=4.0)
+    p.add_argument("--seconds", type=float, default=5.0, help="model-only measurement time")
+    p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    for model in args.models.split(","):
+        mo = model_only(model, args)
+        for k in (int(v) for v in args.producers.split(",")):
+            row = run_case(model, k, args)
+            row["model_only_fps"] = mo
+            row["ratio"] = row["fps"] / mo
+            rows.append(row)
+            print(f"{model:14s} K={k}  end-to-end {row['fps']:8.1f} frames/s  model-only {mo:8.1f}  "
+                  f"ratio {row['ratio']:.2f}  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
+                  f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)", flush=True)
+    print("\n| model | K | end-to-end frames/s | model-only frames/s | ratio | p50 ms @80% | p99 ms @80% |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['producers']} | {r['fps']:.1f} | {r['model_only_fps']:.1f} | {r['ratio']:.2f} "
+              f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

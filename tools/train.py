@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""Train PeakNet on Bragg frames simulated on the fly, within a wall-clock budget.
+
+Why it is built this way:
+* The numpy simulator is slower than the GPU, so DataLoader workers (one per spare core) feed a
+  pool of panels kept on the device; each step draws a random batch from the pool (with random
+  flips), and new panels replace the oldest as they arrive. The step rate never waits for data.
+* Every simulated frame gets its own random simulator config (background, water ring, peak
+  widths, SNR 2..40, gaps, hot/dead pixels, uint16 vs float, ADU per photon) so the net does not
+  learn one detector's look.
+* Tiny, sparse objects: the loss is a focal loss (pixels) plus a soft Dice loss (overlap).
+* The input is normalised per image exactly as the daemon's finder does, (x - mean) / (std + eps).
+* Everything respects `--minutes` (startup, torch.compile, validation, the final threshold sweep
+  and the save), so one 10-minute GPU call is enough.
+
+Outputs: the best checkpoint (by validation F1 at SNR >= 3) as safetensors at --out, and a JSON
+log (loss per step, validation metrics, the chosen threshold) at --log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peaknet_daemon.config import config_from_dict
+from peaknet_daemon.evaluation import AccuracyTally, PeakList, peaks_from_tensors, truth_from_sim
+from peaknet_daemon.model import instance_normalise
+from peaknet_daemon.model.checkpoint import save_checkpoint
+from peaknet_daemon.model.peaknet import PeakNet
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "daemon" / "weights" / "peaknet-atto.safetensors"
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.10, 0.91, 0.05))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def random_sim_config(rng: np.random.Generator, shape: tuple[int, int, int], snr: tuple[float, float]) -> Any:
+    """A BraggConfig with randomised background, peaks and detector defects (one per frame)."""
+    from peaknet_producers.bragg import BraggConfig
+
+    k, h, w = shape
+    area = k * h * w / (352 * 384)  # in full panels
+    per_panel = rng.uniform(5, 80)
+    s_lo = rng.uniform(0.5, 1.0)
+    s_hi = rng.uniform(s_lo + 0.1, 1.8)
+    return BraggConfig(
+        shape=shape,
+        dtype=str(rng.choice(["uint16", "float32"])),
+        peaks_per_frame=(max(1, int(area * per_panel / 3)), max(2, int(area * per_panel))),
+        hit_fraction=0.85,
+        snr_range=snr,
+        sigma_px=(float(s_lo), float(s_hi)),
+        background_photons=float(math.exp(rng.uniform(math.log(0.5), math.log(8.0)))),
+        water_ring=bool(rng.random() < 0.5),
+        # Hot pixels (60000 ADU) dominate the per-image std; keep them near the real density
+        # (the simulator's default is 20 per 16-panel frame), up to ~3 per panel.
+        hot_pixels=int(rng.integers(0, int(3 * area) + 2)),
+        dead_pixels=int(rng.integers(0, int(10 * area) + 2)),
+        adu_per_photon=float(rng.choice([1.0, 1.0, 10.0, 35.0])),
+        panel_gap_px=int(rng.choice([0, 0, 2, 4])),
+    )
+
+
+def simulate(cfg: Any, seed: int, seq: int = 0) -> Any:
+    from peaknet_producers.bragg import BraggSimulator
+
+    return BraggSimulator(cfg, seed=seed).simulate(seq)
+
+
+class SimPanels(torch.utils.data.IterableDataset):
+    """Endless (images (k,1,h,w) float32 raw, masks (k,h,w) uint8) chunks, one simulated frame each."""
+
+    def __init__(self, shape: tuple[int, int, int], seed: int, snr: tuple[float, float],
+                 frames_per_config: int = 4):
+        super().__init__()
+        self.shape, self.seed, self.snr, self.frames_per_config = shape, seed, snr, frames_per_config
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, wid])
+        from peaknet_producers.bragg import BraggSimulator
+
+        while True:
+            # Building a simulator (background map, Poisson tables) costs more than a frame, so
+            # each random config serves a few frames.
+            sim = BraggSimulator(random_sim_config(rng, self.shape, self.snr), int(rng.integers(2**31)))
+            for seq in range(self.frames_per_config):
+                frame = sim.simulate(seq)
+                data = torch.from_numpy(np.ascontiguousarray(frame.data, dtype=np.float32))
+                yield data.unsqueeze(1), torch.from_numpy(np.ascontiguousarray(frame.mask, dtype=np.uint8))
+
+
+class Feeder:
+    """Pulls chunks from DataLoader workers on a thread, so the training loop only drains a queue."""
+
+    def __init__(self, dataset: SimPanels, workers: int, depth: int = 256):
+        kw: dict[str, Any] = {"batch_size": None, "num_workers": workers}
+        if workers:
+            kw.update(prefetch_factor=4, persistent_workers=True,
+                      multiprocessing_context="fork" if sys.platform == "linux" else None)
+        self._it = iter(torch.utils.data.DataLoader(dataset, **kw))  # fork before CUDA starts
+        self.queue: "queue.Queue[tuple[torch.Tensor, torch.Tensor]]" = queue.Queue(depth)
+        self._stop = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="feeder")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = next(self._it)
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # surfaced by the training loop
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Pool:
+    """A FIFO ring of panels on the device; random batches are drawn from its filled part."""
+
+    def __init__(self, size: int, h: int, w: int, device: torch.device):
+        self.x = torch.zeros(size, 1, h, w, dtype=torch.float32, device=device)
+        self.y = torch.zeros(size, h, w, dtype=torch.uint8, device=device)
+        self.size, self.filled, self.head, self.added = size, 0, 0, 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        for i in range(x.shape[0]):
+            self.x[self.head].copy_(x[i], non_blocking=True)
+            self.y[self.head].copy_(y[i], non_blocking=True)
+            self.head = (self.head + 1) % self.size
+            self.filled = min(self.filled + 1, self.size)
+            self.added += 1
+
+    def batch(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.filled, (n,), generator=gen).to(self.x.device)
+        x, y = self.x[idx], self.y[idx]
+        flip = torch.rand(2, generator=gen)
+        if flip[0] < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        if flip[1] < 0.5:
+            x, y = x.flip(-2), y.flip(-2)
+        return x, y
+
+
+def drain(feeder: Feeder, pool: Pool, limit: int) -> int:
+    n = 0
+    while n < limit:
+        try:
+            x, y = feeder.queue.get_nowait()
+        except queue.Empty:
+            break
+        pool.add(x, y)
+        n += 1
+    if feeder.error is not None:
+        raise RuntimeError(f"data worker failed: {feeder.error!r}") from feeder.error
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, loss
+# ------------------------------------------------------------------------------------------------
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Per-image (x - mean) / (std + eps): the daemon finder's own function, so they never differ."""
+    return instance_normalise(x)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.75,
+             dice_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Focal loss (alpha for the peak class) + soft Dice on the peak-class probability."""
+    logits = logits.float()
+    t = target.long()
+    ce = F.cross_entropy(logits, t, reduction="none")
+    pt = torch.exp(-ce)
+    a = torch.where(t == 1, alpha, 1.0 - alpha)
+    focal = (a * (1 - pt) ** gamma * ce).mean() * 100.0  # scaled to the size of the Dice term
+    p = logits.softmax(1)[:, 1]
+    tf = t.float()
+    dice = 1.0 - (2.0 * (p * tf).sum() + 1.0) / (p.sum() + tf.sum() + 1.0)
+    return focal + dice_weight * dice, {"focal": focal.detach(), "dice": dice.detach()}
+
+
+def build_model(preset: str) -> tuple[torch.nn.Module, Any]:
+    m = config_from_dict({"model": {"preset": preset}}).model
+    if m.kind != "peaknet":
+        raise SystemExit(f"preset {preset!r} is not a PeakNet preset")
+    net = PeakNet(m.dims, m.depths, m.bifpn_blocks, m.bifpn_features, m.num_classes)
+    return net, m
+
+
+def lr_at(frac: float, base: float, warmup: float = 0.03) -> float:
+    """Linear warm-up, then cosine decay to 2 % over the time budget (steps are unknown ahead)."""
+    if frac < warmup:
+        return base * max(frac / warmup, 0.01)
+    f = min(1.0, (frac - warmup) / (1 - warmup))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * f)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ValSet:
+    images: torch.Tensor  # (n, 1, h, w) raw, on the device
+    truths: list[PeakList]  # one per panel (panel index 0)
+    hits: list[Optional[bool]]
+
+
+def make_valset(shape: tuple[int, int, int], frames: int, seed: int, device: torch.device) -> ValSet:
+    """Held-out panels (seed not used by training workers) with their true peaks."""
+    from peaknet_producers.bragg import BraggConfig
+
+    k, h, w = shape
+    area = k * h * w / (352 * 384)
+    cfg = BraggConfig(shape=shape, dtype="uint16", snr_range=(2.0, 40.0), hit_fraction=1.0,
+                      peaks_per_frame=(max(1, int(20 * area)), max(2, int(60 * area))),
+                      hot_pixels=max(1, int(10 * area)), dead_pixels=max(1, int(10 * area)))
+    images, truths = [], []
+    for i in range(frames):
+        sim = simulate(cfg, seed, i)
+        truth, _ = truth_from_sim(sim)
+        images.append(torch.from_numpy(np.asarray(sim.data, np.float32)).unsqueeze(1))
+        for p in range(k):
+            sel = truth.panel == p
+            truths.append(PeakList(np.zeros(int(sel.sum()), np.int64), truth.y[sel], truth.x[sel],
+                                   None, None if truth.snr is None else truth.snr[sel]))
+    return ValSet(torch.cat(images).to(device), truths, [None] * len(truths))
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch: int, amp: bool) -> torch.Tensor:
+    out = []
+    for i in range(0, images.shape[0], batch):
+        x = normalise(images[i:i + batch])
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(model(x).float().softmax(1)[:, 1])
+    return torch.cat(out)
+
+
+def validate(model: torch.nn.Module, val: ValSet, thresholds: tuple[float, ...], batch: int,
+             amp: bool, hit_threshold: int = 10) -> dict[float, dict[str, Any]]:
+    """Peak-level metrics per probability threshold, counted as tools/evaluate.py counts."""
+    from peaknet_daemon.peaks import extract_peaks
+
+    was_training = model.training
+    model.eval()
+    probs = predict_probs(model, val.images, batch, amp)
+    model.train(was_training)
+    results = {}
+    for thr in thresholds:
+        tally = AccuracyTally(hit_threshold=hit_threshold)
+        mask = probs > thr  # as PeakNetFinder does
+        pt = extract_peaks(mask, val.images[:, 0], max_peaks=256, min_pixels=1, max_pixels=400)
+        for i, truth in enumerate(val.truths):
+            found = peaks_from_tensors(pt.peaks[i:i + 1], pt.counts[i:i + 1])
+            tally.add(found, truth, val.hits[i])
+        results[thr] = tally.summary()
+    return results
+
+
+def val_score(summary: dict[str, Any]) -> float:
+    """What 'best' means: F1 over true peaks with SNR >= 3 (spurious detections included)."""
+    return float(summary["cumulative"][">=3"]["f1"])
+
+
+def brief(summary: dict[str, Any]) -> dict[str, float]:
+    c = summary["cumulative"]
+    return {"f1_ge3": round(c[">=3"]["f1"], 4), "f1_ge5": round(c[">=5"]["f1"], 4),
+            "f1_3_5": round(summary["bins"]["3-5"]["f1"], 4), "f1_all": round(summary["overall"]["f1"], 4),
+            "precision": round(summary["overall"]["precision"], 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Main loop
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="peaknet-atto", help="model preset (peaknet-atto, peaknet-small)")
+    ap.add_argument("--minutes", type=float, default=6.0, help="total wall-clock budget, all included")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="best checkpoint (.safetensors)")
+    ap.add_argument("--log", type=Path, default=None, help="JSON log (default: --out with .train.json)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="train on simulated panels of this size (default: a full 352x384 panel)")
+    ap.add_argument("--panels-per-sim", type=int, default=4, help="panels simulated per frame (chunk)")
+    ap.add_argument("--batch", type=int, default=None, help="panels per step (default 32 GPU, 8 CPU)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=None, help="data workers (default: cores - 1)")
+    ap.add_argument("--pool", type=int, default=None, help="panels kept on the device (default 6144 GPU, 256 CPU)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    ap.add_argument("--val-frames", type=int, default=None, help="validation frames (default 24 GPU, 4 CPU)")
+    ap.add_argument("--val-every", type=float, default=60.0, help="seconds between validations")
+    ap.add_argument("--seed", type=int, default=1, help="training data seed (evaluation uses 12345)")
+    ap.add_argument("--val-seed", type=int, default=777)
+    ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint")
+    ap.add_argument("--log-every", type=int, default=25, help="steps between log records")
+    return ap.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    t0 = time.monotonic()
+    args = parse_args(argv)
+    deadline = t0 + args.minutes * 60.0
+    dev = pick_device(args.device)
+    gpu = dev.type == "cuda"
+    import os
+
+    cores = os.cpu_count() or 2
+    workers = args.workers if args.workers is not None else max(1, cores - 1)
+    h, w = args.crop if args.crop else (352, 384)
+    shape = (args.panels_per_sim, h, w)
+    batch = args.batch or (32 if gpu else 8)
+    pool_size = args.pool or (6144 if gpu else 256)
+    val_frames = args.val_frames or (24 if gpu else 4)
+    log_path = args.log or args.out.with_suffix(".train.json")
+    snr = (2.0, 40.0)
+
+    # Workers are forked before CUDA is touched.
+    feeder = Feeder(SimPanels(shape, args.seed, snr), workers)
+
+    torch.manual_seed(args.seed)
+    model, mcfg = build_model(args.preset)
+    if args.init:
+        from peaknet_daemon.model.checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.init)
+    model.to(dev)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[train] {args.preset}: {n_params / 1e6:.2f} M params on {dev}; panels {h}x{w}, batch {batch}, "
+          f"workers {workers}, pool {pool_size}, budget {args.minutes} min", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=gpu)
+    step_model: torch.nn.Module = model
+    use_compile = args.compile == "on" or (args.compile == "auto" and gpu)
+    if use_compile:
+        step_model = torch.compile(model)
+
+    val = make_valset(shape, val_frames, args.val_seed, dev)
+    print(f"[train] validation: {val.images.shape[0]} panels, {sum(len(t) for t in val.truths)} peaks "
+          f"({time.monotonic() - t0:.0f} s)", flush=True)
+
+    pool = Pool(pool_size, h, w, dev)
+    gen = torch.Generator().manual_seed(args.seed)
+    log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "preset": args.preset,
+                           "params": n_params, "device": str(dev), "steps": [], "val": []}
+    # Reserve time at the end for a last validation, the threshold sweep and the save.
+    reserve = 25.0 if gpu else 15.0
+    train_end = deadline - reserve
+    min_fill = min(pool_size, batch * 4)
+    while pool.filled < min_fill and time.monotonic() < train_end:
+        if drain(feeder, pool, 64) == 0:
+            time.sleep(0.05)
+    train_start = time.monotonic()
+    print(f"[train] pool primed with {pool.filled} panels ({train_start - t0:.0f} s)", flush=True)
+
+    best_score, best_state, best_step = -1.0, None, -1
+    next_val = train_start + args.val_every
+    step = 0
+    amp = gpu
+    model.train()
+    while True:
+        now = time.monotonic()
+        if now >= train_end:
+            break
+        # The schedule runs over the time left after the first (compiling) step.
+        frac = 0.0 if step == 0 else (now - train_start) / max(train_end - train_start, 1e-6)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(frac, args.lr)
+        drain(feeder, pool, 8)
+        x, y = pool.batch(batch, gen)
+        x = normalise(x)
+        if gpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                logits = step_model(x)
+            loss, parts = seg_loss(logits, y)
+            loss.backward()
+        except Exception as exc:  # a torch.compile failure: fall back to eager, keep training
+            if step_model is model:
+                raise
+            print(f"[train] torch.compile failed ({exc!r:.300}); continuing eager", flush=True)
+            step_model = model
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step == 1:
+            train_start = time.monotonic()
+            next_val = train_start + args.val_every
+            print(f"[train] first step done ({train_start - t0:.0f} s; includes torch.compile)", flush=True)
+        if step % args.log_every == 0:
+            rec = {"step": step, "t": round(time.monotonic() - t0, 1), "loss": round(float(loss.detach()), 5),
+                   **{k: round(float(v), 5) for k, v in parts.items()}, "lr": opt.param_groups[0]["lr"],
+                   "pool": pool.filled, "panels_seen": pool.added}
+            log["steps"].append(rec)
+            if step % (args.log_every * 4) == 0:
+                print(f"[train] {rec}", flush=True)
+        if time.monotonic() >= next_val:
+            res = validate(model, val, (0.5,), batch, amp)
+            score = val_score(res[0.5])
+            entry = {"step": step, "t": round(time.monotonic() - t0, 1), **brief(res[0.5])}
+            log["val"].append(entry)
+            print(f"[val] {entry}", flush=True)
+            if score > best_score:
+                best_score, best_step = score, step
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                save_checkpoint(model, args.out)
+            next_val = time.monotonic() + args.val_every
+            _write_log(log_path, log)
+    feeder.stop()
+
+    # Final: validate the last weights, keep the better of last/best, sweep the threshold.
+    res = validate(model, val, (0.5,), batch, amp)
+    entry = {"step": step, "t": round(time.monotonic() - t0, 1), "final": True, **brief(res[0.5])}
+    log["val"].append(entry)
+    print(f"[val] {entry}", flush=True)
+    if val_score(res[0.5]) >= best_score or best_state is None:
+        best_score, best_step = val_score(res[0.5]), step
+    else:
+        model.load_state_dict(best_state)
+    save_checkpoint(model, args.out)
+    sweep = validate(model, val, THRESHOLDS, batch, amp)
+    table = {thr: brief(s) for thr, s in sweep.items()}
+    best_thr = max(sweep, key=lambda t: (val_score(sweep[t]), -abs(t - 0.5)))
+    log["threshold_sweep"] = {str(k): v for k, v in table.items()}
+    log["best"] = {"step": best_step, "score_f1_ge3_at_0.5": best_score, "threshold": best_thr,
+                   **brief(sweep[best_thr]), "checkpoint": str(args.out),
+                   "size_mb": round(args.out.stat().st_size / 2**20, 2), "steps": step,
+                   "panels_generated": pool.added, "elapsed_s": round(time.monotonic() - t0, 1)}
+    _write_log(log_path, log)
+    for thr in THRESHOLDS:
+        print(f"[sweep] threshold {thr:.2f}: {table[thr]}", flush=True)
+    print(f"[done] {json.dumps(log['best'])}", flush=True)
+    if best_thr != 0.5:
+        print(f"[done] RECOMMEND model.threshold = {best_thr} (F1>=3 {table[best_thr]['f1_ge3']} "
+              f"vs {table[0.5]['f1_ge3']} at 0.5)", flush=True)
+    return 0
+
+
+def _write_log(path: Path, log: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(log, indent=1))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
