@@ -74,8 +74,8 @@ class Daemon:
         for line in self.proc.stderr:
             with self._cond:
                 self.lines.append(line)
-                try:
-                    event = json.loads(line)
+                try:  # actors' lines arrive through Ray prefixed with "(PipelineActor pid=...)"
+                    event = json.loads(line[line.index("{"):])
                 except ValueError:
                     event = None
                 if isinstance(event, dict):

@@ -21,28 +21,8 @@ from typing import Any, Optional
 import numpy as np
 
 from peaknet_daemon.config import config_from_dict
-from peaknet_daemon.evaluation import format_table, score_frames
+from peaknet_daemon.evaluation import format_table, heldout_frames, score_frames
 from peaknet_daemon.pipeline import resolve_device, run_sequential
-
-
-def simulate_frames(shape: tuple[int, int, int], frames: int, seed: int,
-                    snr: tuple[float, float], background: float, dtype: str = "uint16") -> list[Any]:
-    """Held-out frames with truth (hits and misses, water ring, hot/dead pixels)."""
-    from peaknet_producers.bragg import BraggConfig, BraggSimulator
-
-    panels = shape[0] * shape[1] * shape[2] / (352 * 384)  # in epix panels
-    defects = max(1, round(20 * panels / 16))  # the simulator's epix density: 20 per 16 panels
-    cfg = BraggConfig(shape=shape, dtype=dtype, snr_range=snr, background_photons=background,
-                      peaks_per_frame=_peaks_range(shape), hot_pixels=defects, dead_pixels=defects)
-    sim = BraggSimulator(cfg, seed=seed)
-    return [sim.simulate(i) for i in range(frames)]
-
-
-def _peaks_range(shape: tuple[int, int, int]) -> tuple[int, int]:
-    """10..60 peaks per epix frame (16 panels) as the simulator's default, and at least
-    10..60 on smaller frames so every frame class (hit/miss at threshold 10) is present."""
-    panels = shape[0] * shape[1] * shape[2] / (352 * 384)
-    return max(10, int(10 * panels / 4)), max(60, int(60 * panels / 4))
 
 
 def finder_config(kind: str, shape: tuple[int, int, int], device: str, checkpoint: str,
@@ -111,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     shape = detector_shape(args.detector)
     device = str(resolve_device(args.device))
-    sims = simulate_frames(shape, args.frames, args.seed, tuple(args.snr), args.background)
+    sims = heldout_frames(shape, args.frames, args.seed, tuple(args.snr), args.background)
     results: dict[str, Any] = {}
     for kind in [k.strip() for k in args.finders.split(",") if k.strip()]:
         if kind not in ("peaknet", "classical"):
