@@ -179,7 +179,7 @@ class AccuracyTally:
         fp = float(self.fp[sel].sum() + self.spurious * share[sel].sum())
         p = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
         r = tp / (tp + fn) if tp + fn else 1.0
-        return {"n_true": int(tp + fn), "tp": int(tp), "fn": int(fn), "fp": round(fp, 2),
+        return {"n_true": int(tp + fn), "tp": int(tp), "fn": int(fn), "fp": fp,
                 "precision": p, "recall": r, "f1": _f1(p, r)}
 
     def summary(self) -> dict[str, Any]:
@@ -259,9 +259,10 @@ EPIX_PANEL = (352, 384)
 
 def heldout_config(shape: tuple[int, int, int], snr: tuple[float, float] = (2.0, 40.0),
                    background: float = 2.0, dtype: str = "uint16") -> Any:
-    """The simulator config every accuracy figure uses: the simulator's epix defaults (water ring,
-    30 % misses, 20 hot and 20 dead pixels per 16 panels) scaled to `shape`, with at least 10..60
-    peaks per hit so hit finding at threshold 10 is exercised on small frames too."""
+    """The simulator config every accuracy figure uses: the simulator's defaults (water ring,
+    30 % misses, background 2 photons, 20 hot and 20 dead pixels per 16 panels) with 2.5..15
+    peaks per panel in a hit (40..240 per epix frame), and at least 10..60 per hit so hit finding
+    at threshold 10 is exercised on small frames too."""
     from peaknet_producers.bragg import BraggConfig  # same distribution; imported only when used
 
     panels = shape[0] * shape[1] * shape[2] / (EPIX_PANEL[0] * EPIX_PANEL[1])

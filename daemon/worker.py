@@ -56,6 +56,7 @@ class Worker:
         self.name = f"{socket.gethostname()}/{index}"
         self.incarnation = uuid.uuid4().hex[:12]
         self.pipeline = Pipeline(cfg)
+        self._warm_up()
         self._stats_lock = threading.Lock()
         self._received = 0
         self._processed = 0
@@ -88,6 +89,16 @@ class Worker:
                  incarnation=self.incarnation)
 
     # ------------------------------------------------------------------ setup
+    def _warm_up(self) -> None:
+        """One batch through the pipeline before any frame arrives: torch.compile, cuDNN and
+        the caching allocator do their first-call work here, not on the first real batch."""
+        t0 = time.perf_counter()
+        slot = self.pipeline.acquire()
+        slot.frames[:] = 0
+        self.pipeline.submit(slot, 1, [None])
+        self.pipeline.drain()
+        log.info("pipeline_warm", worker=self.name, seconds=round(time.perf_counter() - t0, 2))
+
     def _results_cfg(self):
         out = self.cfg.output
         if not out.results_bind:

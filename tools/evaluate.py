@@ -26,13 +26,16 @@ from peaknet_daemon.pipeline import resolve_device, run_sequential
 
 
 def finder_config(kind: str, shape: tuple[int, int, int], device: str, checkpoint: str,
-                  threshold: Optional[float], preset: str, classical: dict[str, Any]) -> Any:
+                  threshold: Optional[float], preset: str, classical: dict[str, Any],
+                  min_pixels: Optional[int] = None) -> Any:
     model: dict[str, Any] = {"preset": "classical", "classical": classical} if kind == "classical" else \
         {"preset": preset, "checkpoint": checkpoint}
     if threshold is not None and kind != "classical":
         model["threshold"] = threshold
-    return config_from_dict({"model": model, "pipeline": {
-        "frame_shape": list(shape), "dtype": "uint16", "batch_size": 2, "device": device}})
+    pipeline: dict[str, Any] = {"frame_shape": list(shape), "dtype": "uint16", "batch_size": 2, "device": device}
+    if min_pixels is not None:
+        pipeline["min_pixels"] = min_pixels
+    return config_from_dict({"model": model, "pipeline": pipeline})
 
 
 def evaluate_finder(cfg: Any, sims: list[Any], hit_threshold: int, radius: float) -> dict[str, Any]:
@@ -52,6 +55,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", default="default", help="PeakNet weights ('default' = shipped)")
     ap.add_argument("--preset", default="peaknet-atto")
     ap.add_argument("--threshold", type=float, default=None, help="PeakNet probability threshold")
+    ap.add_argument("--min-pixels", type=int, default=None, help="PeakNet pipeline.min_pixels")
     ap.add_argument("--finders", default="peaknet,classical", help="comma list of peaknet, classical")
     ap.add_argument("--classical", action="append", default=[], metavar="KEY=VALUE",
                     help="ClassicalConfig override, e.g. snr_threshold=4.5 (repeatable)")
@@ -97,11 +101,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if kind not in ("peaknet", "classical"):
             raise SystemExit(f"unknown finder {kind!r}")
         cfg = finder_config(kind, shape, device, args.checkpoint, args.threshold, args.preset,
-                            _kv(args.classical))
+                            _kv(args.classical), args.min_pixels)
         name = args.preset if kind == "peaknet" else "classical"
         results[name] = evaluate_finder(cfg, sims, args.hit_threshold, args.radius)
         results[name]["model"] = {"preset": cfg.model.preset, "checkpoint": cfg.model.checkpoint,
-                                  "threshold": cfg.model.threshold,
+                                  "threshold": cfg.model.threshold, "min_pixels": cfg.pipeline.min_pixels,
                                   "classical": vars(cfg.model.classical) if kind == "classical" else None}
     n_true = sum(len(s.peaks["y"]) for s in sims)
     print(f"{args.frames} frames {shape}, seed {args.seed}, {n_true} true peaks, SNR {args.snr[0]:g}..{args.snr[1]:g}, "

@@ -60,14 +60,19 @@ def random_sim_config(rng: np.random.Generator, shape: tuple[int, int, int], snr
     per_panel = math.exp(rng.uniform(math.log(0.5), math.log(60.0)))
     s_lo = rng.uniform(0.5, 1.0)
     s_hi = rng.uniform(s_lo + 0.1, 1.8)
+    # Background from near-empty (0.05 photons/pixel, as away from the water ring) to bright.
+    background = math.exp(rng.uniform(math.log(0.05), math.log(10.0)))
+    # At low backgrounds an SNR-2 peak is under one photon: undetectable, and labelling it
+    # would teach the net to mark single photons. Keep the peak maximum >= 2 photons.
+    snr_lo = min(max(snr[0], 2.0 / math.sqrt(background)), snr[1])
     return BraggConfig(
         shape=shape,
         dtype=str(rng.choice(["uint16", "float32"])),
         peaks_per_frame=(max(1, int(area * per_panel / 3)), max(2, int(area * per_panel))),
         hit_fraction=0.7,
-        snr_range=snr,
+        snr_range=(snr_lo, snr[1]),
         sigma_px=(float(s_lo), float(s_hi)),
-        background_photons=float(math.exp(rng.uniform(math.log(0.5), math.log(8.0)))),
+        background_photons=float(background),
         water_ring=bool(rng.random() < 0.5),
         # Hot pixels (60000 ADU) dominate the per-image std; keep them near the real density
         # (the simulator's default is 20 per 16-panel frame), up to ~3 per panel.
