@@ -63,7 +63,9 @@ class SdNotifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a listener that stops reading (full datagram queue) must cost a
+                # dropped notification, never a daemon stuck in sendto().
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._sock.sendto(state.encode(), self._addr)
             self.sent += 1
             return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -162,7 +163,20 @@ def test_sigterm_mid_stream_loses_nothing_and_notifies_systemd(tmp_path):
     notify_path = str(tmp_path / "notify.sock")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
-    notify.settimeout(120)
+    notify.settimeout(0.2)
+    messages: list[str] = []
+    listening = threading.Event()
+    listening.set()
+
+    def listen():  # like systemd: read every notification as it comes
+        while listening.is_set():
+            try:
+                messages.append(notify.recv(4096).decode())
+            except OSError:
+                pass
+
+    listener = threading.Thread(target=listen)
+    listener.start()
     in_port, res_port, met_port = free_port(), free_port(), free_port()
     results = Results(res_port)
     daemon = Daemon(small_config(tmp_path, in_port, res_port, met_port), tmp_path,
@@ -177,13 +191,8 @@ def test_sigterm_mid_stream_loses_nothing_and_notifies_systemd(tmp_path):
         p.wait()
     finally:
         daemon.kill()
-    messages = []
-    notify.settimeout(0.5)
-    try:
-        while True:
-            messages.append(notify.recv(4096).decode())
-    except OSError:
-        pass
+    listening.clear()
+    listener.join()
     notify.close()
     assert rc == 0, daemon.tail()
     stopped = daemon.wait_event("daemon_stopped")

@@ -71,3 +71,14 @@ def test_watchdog_interval():
     assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "junk"}) is None
     assert SdNotifier(env={"WATCHDOG_USEC": "2000000"}).watchdog_interval() == 1.0
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_daemon(tmp_path):
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)  # bound, never read: the datagram queue fills up
+    notifier = SdNotifier(env={"NOTIFY_SOCKET": path})
+    results = [notifier.watchdog() for _ in range(200)]
+    assert results[0] is True and results[-1] is False
+    assert notifier.failed > 0 and notifier.sent + notifier.failed == 200
+    listener.close()

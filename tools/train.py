@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import queue
 import sys
 import threading
@@ -303,7 +304,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="peaknet-atto", help="model preset (peaknet-atto, peaknet-small)")
     ap.add_argument("--minutes", type=float, default=6.0, help="total wall-clock budget, all included")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="best checkpoint (.safetensors)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="best checkpoint (.safetensors; default daemon/weights/<preset>.safetensors)")
     ap.add_argument("--log", type=Path, default=None, help="JSON log (default: --out with .train.json)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -336,8 +338,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     deadline = t0 + args.minutes * 60.0
     dev = pick_device(args.device)
     gpu = dev.type == "cuda"
-    import os
-
+    if args.out == DEFAULT_OUT and args.preset != "peaknet-atto":  # never overwrite the shipped atto
+        args.out = DEFAULT_OUT.with_name(f"{args.preset}.safetensors")
     cores = os.cpu_count() or 2
     workers = args.workers if args.workers is not None else max(1, cores - 1)
     h, w = args.crop if args.crop else (352, 384)
@@ -352,7 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     feeder = Feeder(SimPanels(shape, args.seed, snr), workers)
 
     torch.manual_seed(args.seed)
-    model, mcfg = build_model(args.preset)
+    model, _ = build_model(args.preset)
     if args.init:
         from peaknet_daemon.model.checkpoint import load_checkpoint
 
@@ -430,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step == 1:
             train_start = time.monotonic()
             next_val = train_start + args.val_every
-            print(f"[train] first step done ({train_start - t0:.0f} s; includes torch.compile)", flush=True)
+            print(f"[train] first step done ({train_start - t0:.0f} s; includes torch.compile when on)", flush=True)
         if step % args.log_every == 0:
             rec = {"step": step, "t": round(time.monotonic() - t0, 1), "loss": round(float(loss.detach()), 5),
                    **{k: round(float(v), 5) for k, v in parts.items()}, "lr": opt.param_groups[0]["lr"],
@@ -476,6 +478,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for (thr, mp), row in table.items():
         print(f"[sweep] threshold {thr:.2f} min_pixels {mp}: {row}", flush=True)
     print(f"[done] {json.dumps(log['best'])}", flush=True)
+    if log["best"]["size_mb"] > 20:
+        print(f"[done] WARNING: {args.out} is {log['best']['size_mb']} MB, over the 20 MB budget for shipped weights",
+              flush=True)
     print(f"[done] RECOMMEND model.threshold = {best_thr}, pipeline.min_pixels = {best_mp} "
           f"(val F1 SNR>=3 {table[best_key]['f1_ge3']} vs {table[(0.5, 1)]['f1_ge3']} at 0.5 / 1)", flush=True)
     return 0
