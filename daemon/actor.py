@@ -77,7 +77,7 @@ def _limit_cpu_threads() -> None:
 def actor_options(cfg: Config, use_gpu: bool, spread: bool = True) -> dict:
     """Ray options for one pipeline actor."""
     options: dict[str, Any] = {"max_restarts": cfg.ray.max_restarts, "max_concurrency": 4}
-    options.update({"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_gpus": 0, "num_cpus": 1})
+    options.update({"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_gpus": 0, "num_cpus": cfg.gpus.cpu_threads})
     if spread:
         options["scheduling_strategy"] = "SPREAD"
     return options

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -69,13 +69,13 @@ class ClassicalConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _f("peaknet-atto", doc="peaknet-atto | peaknet-small | classical")
-    kind: Literal["peaknet", "classical"] = _f("peaknet")
-    dims: list[int] = _f([40, 80, 160, 320])
-    depths: list[int] = _f([2, 2, 6, 2])
-    bifpn_blocks: int = _f(1, 1, 8)
-    bifpn_features: int = _f(64, 8, 1024)
-    num_classes: int = _f(2, 1, 16)
+    preset: str = _f("peaknet-atto", doc="peaknet-atto, peaknet-small or classical; fills the keys below")
+    kind: Literal["peaknet", "classical"] = _f("peaknet", doc="set by the preset")
+    dims: list[int] = _f([40, 80, 160, 320], doc="ConvNeXtV2 stage widths")
+    depths: list[int] = _f([2, 2, 6, 2], doc="ConvNeXtV2 blocks per stage")
+    bifpn_blocks: int = _f(1, 1, 8, doc="repeated BiFPN blocks")
+    bifpn_features: int = _f(64, 8, 1024, doc="BiFPN channels")
+    num_classes: int = _f(2, 1, 16, doc="segmentation classes (1 = peak)")
     checkpoint: str = _f("", doc="safetensors or torch file; empty = random weights; 'default' = shipped")
     threshold: float = _f(0.5, 0.0, 1.0, doc="peak-class probability that marks a pixel")
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
@@ -86,10 +86,11 @@ class PipelineConfig:
     batch_size: int = _f(16, 1, 4096, doc="frames per batch")
     max_batch_delay_ms: float = _f(20.0, 0.0, 60000.0, doc="release a partial batch after this")
     buffers: int = _f(3, 2, 16, doc="N-way buffering: pinned slots in flight")
-    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32")
-    channels_last: bool = _f(False)
-    compile: bool = _f(False)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f("default")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", doc="autocast precision of the net")
+    channels_last: bool = _f(False, doc="NHWC memory layout for the net (faster on tensor cores)")
+    compile: bool = _f(False, doc="torch.compile the net (compiled once at actor start)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "default", doc="torch.compile mode")
     max_peaks: int = _f(256, 1, 65535, doc="peaks kept per panel (brightest); overflow counted")
     min_pixels: int = _f(1, 1, doc="smallest component kept as a peak (model path)")
     max_pixels: int = _f(400, 1, doc="largest component kept as a peak (model path)")
@@ -105,7 +106,7 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class RayConfig:
     address: str = _f("", doc="empty = embedded local instance; 'auto' or host:port = join")
-    namespace: str = _f("peaknet")
+    namespace: str = _f("peaknet", doc="Ray namespace of the actors")
     num_cpus: int = _f(0, 0, doc="embedded instance only; 0 = Ray's default")
     max_restarts: int = _f(-1, -1, doc="actor restarts by Ray; -1 = unlimited")
 
@@ -113,19 +114,20 @@ class RayConfig:
 @dataclass(frozen=True)
 class GpusConfig:
     validate: bool = _f(True, doc="run the health check before Ray starts")
-    min_gpus: int = _f(0, 0)
+    min_gpus: int = _f(0, 0, doc="exit 2 with fewer healthy GPUs")
     max_actors: int = _f(0, 0, doc="0 = one per healthy GPU")
     cpu_fallback: bool = _f(True, doc="run on CPU actors when no GPU is healthy")
     cpu_actors: int = _f(1, 1, 256)
-    max_temperature_c: float = _f(85.0, 0.0, 150.0)
-    min_free_memory_gb: float = _f(4.0, 0.0)
+    cpu_threads: int = _f(1, 1, 256, doc="CPUs reserved in Ray (and torch threads) per CPU actor")
+    max_temperature_c: float = _f(85.0, 0.0, 150.0, doc="hotter GPUs are unhealthy")
+    min_free_memory_gb: float = _f(4.0, 0.0, doc="GPUs with less free memory are unhealthy")
 
 
 @dataclass(frozen=True)
 class SocketConfig:
-    endpoint: str = _f("tcp://127.0.0.1:5555")
-    mode: Literal["connect", "bind"] = _f("connect")
-    format: Literal["peaknet/1", "lclstreamer-npz"] = _f("peaknet/1")
+    endpoint: str = _f("tcp://127.0.0.1:5555", doc="ZMQ endpoint of the PULL socket")
+    mode: Literal["connect", "bind"] = _f("connect", doc="connect: every actor connects; bind: actor i binds port + i")
+    format: Literal["peaknet/1", "lclstreamer-npz"] = _f("peaknet/1", doc="wire format of this socket")
     rcvhwm: int = _f(64, 1, 1_000_000, doc="ZMQ receive high-water mark, messages")
     max_message_bytes: int = _f(256 * 2**20, 1024, doc="larger messages are rejected")
     threads: int = _f(1, 1, 64, doc="ingest threads (each its own PULL socket) for this endpoint")
@@ -135,26 +137,26 @@ class SocketConfig:
 class IngestConfig:
     sockets: list[SocketConfig] = field(default_factory=lambda: [SocketConfig()])
     run_end_grace_s: float = _f(10.0, 0.0, doc="after 'end', wait this long for missing frames")
-    reject_log_interval_s: float = _f(10.0, 0.0)
+    reject_log_interval_s: float = _f(10.0, 0.0, doc="a rejection reason is logged once per interval")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     results_endpoint: str = _f("", doc="empty = no results stream")
-    results_mode: Literal["push", "pub"] = _f("push")
+    results_mode: Literal["push", "pub"] = _f("push", doc="push: lossless with backpressure; pub: monitoring, drops")
     results_bind: bool = _f(False, doc="false: actors connect to a consumer that binds; true: actor i binds port + i")
-    results_sndhwm: int = _f(10000, 1)
+    results_sndhwm: int = _f(10000, 1, doc="results queued per actor before backpressure")
     cxi_dir: str = _f("", doc="empty = no CXI files")
-    frames_per_file: int = _f(1000, 1)
-    save_frames: Literal["hits", "all", "none"] = _f("hits")
+    frames_per_file: int = _f(1000, 1, doc="CXI files rotate after this many events")
+    save_frames: Literal["hits", "all", "none"] = _f("hits", doc="which events a CXI file holds (with data); none = all, peaks only")
     hit_threshold: int = _f(10, 0, doc="a frame is a hit with at least this many peaks")
     compression: Literal["gzip", "lzf", "none"] = _f("gzip", doc="of saved frames; CrystFEL reads gzip and none")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = _f(True)
-    host: str = _f("127.0.0.1")
+    enabled: bool = _f(True, doc="serve /metrics, /healthz, /readyz")
+    host: str = _f("127.0.0.1", doc="listen address (0.0.0.0 for a remote Prometheus)")
     port: int = _f(9108, 0, 65535, doc="0 = pick a free port (logged)")
     interval_s: float = _f(2.0, 0.1, doc="how often actor stats are gathered")
 
@@ -162,7 +164,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
-    level: Literal["debug", "info", "warning", "error"] = _f("info")
+    level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
 
 
 @dataclass(frozen=True)
