@@ -60,6 +60,8 @@ class ClassicalConfig:
 
     snr_threshold: float = _f(5.0, 0.0, doc="minimum (pixel - local mean) / local sigma")
     adc_threshold: float = _f(0.0, doc="minimum background-subtracted value of a peak pixel")
+    min_sigma: float = _f(0.5, 0.0, doc="floor of the local noise (ADU): on near-empty backgrounds the "
+                                         "measured sigma collapses and single photons would pass")
     min_pixels: int = _f(2, 1, doc="smallest accepted peak, pixels")
     max_pixels: int = _f(50, 1, doc="largest accepted peak, pixels")
     inner_radius: int = _f(3, 1, 64, doc="annulus inner radius for the local background")

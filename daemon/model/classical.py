@@ -80,6 +80,7 @@ class ClassicalFinder(nn.Module):
             raise ValueError("classical outer_radius must exceed inner_radius")
         self.snr = float(cfg.snr_threshold)
         self.adc = float(cfg.adc_threshold)
+        self.min_sigma = float(cfg.min_sigma)
         self.radius = int(cfg.outer_radius)
         self.refine = refine
         self.terms = annulus_rows(int(cfg.inner_radius), int(cfg.outer_radius))
@@ -123,6 +124,7 @@ class ClassicalFinder(nn.Module):
         for _ in range(2 if self.refine else 1):
             mean, sigma, cnt = self.background(xc, bg_good)
             excess = xc - mean
+            sigma = sigma.clamp(min=self.min_sigma)
             peak = good & (cnt >= self.min_count) & (excess > self.snr * sigma) & (excess > self.adc)
             bg_good = good & ~peak
         signal = torch.where(good, excess, 0.0)
