@@ -9,6 +9,7 @@ ground truth and prints a table; the CXI files land in out/demo/.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,12 +52,29 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise SystemExit("demo: the daemon was not ready in time")
 
 
+def scrape(port: int, until_processed: int, timeout: float = 10) -> list[str]:
+    """The daemon's frame and peak counters, once they include every result we received
+    (actor stats reach the supervisor every metrics.interval_s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            lines = [ln for ln in r.read().decode().splitlines()
+                     if ln.startswith(("peaknet_frames_processed_total", "peaknet_peaks_found_total"))]
+        done = any(ln.startswith("peaknet_frames_processed_total") and float(ln.split()[-1]) >= until_processed
+                   for ln in lines)
+        if done or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)  # polling another process's HTTP endpoint
+
+
 def main() -> int:
     cfg = yaml.safe_load((ROOT / "configs" / "demo-cpu.yaml").read_text())
     in_port, res_port, met_port = free_port(), free_port(), free_port()
     cfg["ingest"]["sockets"][0]["endpoint"] = f"tcp://127.0.0.1:{in_port}"
     cfg["output"]["results_endpoint"] = f"tcp://127.0.0.1:{res_port}"
-    cfg["output"]["cxi_dir"] = str(ROOT / "out" / "demo")
+    out_dir = ROOT / "out" / "demo"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the demo's own output folder: start clean
+    cfg["output"]["cxi_dir"] = str(out_dir)
     cfg["metrics"]["port"] = met_port
     cfg["logging"]["level"] = "warning"
     tmp = Path(tempfile.mkdtemp(prefix="peaknet-demo-"))
@@ -84,9 +102,7 @@ def main() -> int:
         poller.register(pull, zmq.POLLIN)
         while len(results) < FRAMES and poller.poll(120_000):
             results.append(msgpack.unpackb(pull.recv(), raw=False))
-        with urllib.request.urlopen(f"http://127.0.0.1:{met_port}/metrics", timeout=5) as r:
-            metrics = [ln for ln in r.read().decode().splitlines()
-                       if ln.startswith(("peaknet_frames_processed_total", "peaknet_peaks_found_total"))]
+        metrics = scrape(met_port, until_processed=len(results))
     finally:
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(timeout=120)
@@ -108,7 +124,7 @@ def main() -> int:
               f"{r['latency_ms']:>11.1f}")
     precision = matched_total / found_total if found_total else float("nan")
     recall = matched_total / true_total if true_total else float("nan")
-    files = sorted((ROOT / "out" / "demo").glob("*.cxi"))
+    files = sorted(out_dir.glob("*.cxi"))
     print(f"\nframes processed: {len(results)} of {FRAMES}; peaks found: {found_total} "
           f"(true {true_total}; precision {precision:.3f}, recall {recall:.3f} within 1.5 px); "
           f"hits: {sum(r['hit'] for r in results)}")
