@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -31,11 +29,7 @@ import numpy as np
 import yaml
 import zmq
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from daemon_process import free_port, wait_ready
 
 
 def daemon_config(model: str, args, ports: list[int], results: str, metrics_port: int) -> dict:
@@ -58,21 +52,6 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
         "metrics": {"port": metrics_port, "interval_s": 1.0},
         "logging": {"format": "json", "level": args.log_level},
     }
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)  # polling an HTTP endpoint of another process; no event to wait on
-    raise TimeoutError("daemon not ready")
 
 
 def producers(ports: list[int], args, frames: int, rate: float) -> list[subprocess.Popen]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,32 +23,13 @@ import numpy as np
 import yaml
 import zmq
 
+from daemon_process import free_port, wait_ready
+
 from peaknet_daemon.evaluation import PeakList, match_frame
 from peaknet_producers.sample import FRAMES, SAMPLE_RUN, SAMPLE_TRUTH
 from peaknet_producers.truth import read_truth
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: the daemon exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)  # polling another process's HTTP endpoint
-    raise SystemExit("demo: the daemon was not ready in time")
 
 
 def scrape(port: int, until_processed: int, timeout: float = 10) -> list[str]:
@@ -134,4 +114,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:
+        sys.exit(f"demo: {exc}")
