@@ -9,6 +9,7 @@ method exists for users who drive the pipeline from Python.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,7 +69,6 @@ def _unpack(item: Any) -> tuple[np.ndarray, dict]:
 
 def _limit_cpu_threads() -> None:
     """Without a GPU, keep torch to the CPUs Ray gave this actor."""
-    import os
     import torch
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

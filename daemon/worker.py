@@ -10,19 +10,20 @@ Every received frame ends in a result or a counted rejection, also on `stop()`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 import numpy as np
 import zmq
 
 from .batching import BatchAssembler
-from .config import Config
+from .config import Config, OutputConfig, SocketConfig
 from .ingest import FrameTag, SocketReader, socket_endpoint
 from .log import RateLimitedLog, get_logger
 from .metrics import process_rss_bytes
@@ -78,12 +79,13 @@ class Worker:
         self._stream = ResultStream(self._results_cfg(), self._ctx) if cfg.output.results_endpoint else None
         self._assembler = BatchAssembler(self.pipeline, cfg.pipeline.max_batch_delay_ms / 1e3, self._give_up)
         self._readers: list[SocketReader] = []
-        self._threads: list[threading.Thread] = []
+        self._ingest_threads: list[threading.Thread] = []  # readers and the batch timer
+        self._result_threads: list[threading.Thread] = []
         self.endpoints: list[str] = []
         self._library_lock = threading.Lock()
         if ingest:
             self._start_ingest()
-            self._start_thread(self._result_loop, "results")
+            self._result_threads.append(self._start_thread(self._result_loop, "results"))
         log.info("worker_started", worker=self.name, pid=os.getpid(), device=str(self.pipeline.device),
                  pinned_bytes=self.pipeline.pinned_bytes, endpoints=self.endpoints,
                  incarnation=self.incarnation)
@@ -99,15 +101,13 @@ class Worker:
         self.pipeline.drain()
         log.info("pipeline_warm", worker=self.name, seconds=round(time.perf_counter() - t0, 2))
 
-    def _results_cfg(self):
+    def _results_cfg(self) -> OutputConfig:
+        """In bind mode actor i binds the results port + i, like the ingest sockets."""
         out = self.cfg.output
         if not out.results_bind:
             return out
-        from dataclasses import replace
-
-        from .config import SocketConfig
         endpoint = socket_endpoint(SocketConfig(endpoint=out.results_endpoint, mode="bind"), self.index)
-        return replace(out, results_endpoint=endpoint)
+        return dataclasses.replace(out, results_endpoint=endpoint)
 
     def _start_ingest(self) -> None:
         shape = tuple(self.cfg.pipeline.frame_shape)
@@ -121,13 +121,13 @@ class Worker:
                 log.warning("bind_socket_single_thread", endpoint=endpoint,
                             detail="a bound endpoint is served by one thread; use several endpoints")
         for i, reader in enumerate(self._readers):
-            self._start_thread(lambda r=reader: r.run(self._stop_ingest), f"ingest-{i}")
-        self._start_thread(self._timer_loop, "batch-timer")
+            self._ingest_threads.append(self._start_thread(lambda r=reader: r.run(self._stop_ingest), f"ingest-{i}"))
+        self._ingest_threads.append(self._start_thread(self._timer_loop, "batch-timer"))
 
-    def _start_thread(self, target, name: str) -> None:
+    def _start_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"{name}-{self.index}", daemon=True)
         thread.start()
-        self._threads.append(thread)
+        return thread
 
     # ------------------------------------------------------------------ ingest callbacks
     def _on_frame(self, frame: np.ndarray, tag: FrameTag) -> None:
@@ -278,12 +278,11 @@ class Worker:
     def stop(self) -> dict:
         """Stop receiving, finish every received frame, flush and close sinks; final stats."""
         self._stop_ingest.set()
-        for thread in self._threads:
-            if thread.name.startswith(("ingest", "batch-timer")):
-                thread.join()
+        for thread in self._ingest_threads:
+            thread.join()
         self._assembler.flush()
         self._stop_results.set()
-        for thread in self._threads:
+        for thread in self._result_threads:
             thread.join()
         for batch in self.pipeline.drain():
             self._handle_batch(batch)

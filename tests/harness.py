@@ -115,13 +115,18 @@ class Daemon:
         return out
 
     def wait_metric(self, name: str, predicate, timeout: float = 30) -> dict[str, float]:
+        """Scrape until `predicate(value of name)` holds; returns that scrape."""
+        return self.wait_metrics(lambda values: predicate(values.get(name, 0.0)), timeout, name)
+
+    def wait_metrics(self, predicate, timeout: float = 30, what: str = "metrics") -> dict[str, float]:
+        """Scrape until `predicate(all values)` holds; returns that scrape."""
         deadline = time.monotonic() + timeout
         while True:
             values = self.metrics()
-            if predicate(values.get(name, 0.0)):
+            if predicate(values):
                 return values
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name} = {values.get(name)} never satisfied the check")
+                raise AssertionError(f"{what} never satisfied the check: {values}")
             time.sleep(0.2)  # polling another process's HTTP endpoint: no event to wait on
 
     def terminate(self, timeout: float = 120) -> int:

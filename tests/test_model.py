@@ -106,7 +106,6 @@ def test_finder_threshold_controls_mask() -> None:
 
 def test_finder_is_invariant_to_image_scale(atto: PeakNet) -> None:
     """Instance normalisation: an affine change of the raw values gives the same mask."""
-    cfg = cfg_for("peaknet-atto")
     finder = PeakNetFinder(atto, 2, 0.5, None, False, 1, 10)
     images = torch.rand(2, 1, 32, 48)
     m1, _ = finder(images)
