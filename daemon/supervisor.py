@@ -210,20 +210,16 @@ class Supervisor:
             log.info("actor_back", actor=state.index, pid=s["pid"])
         state.incarnation, state.last, state.alive = s["incarnation"], s, True
 
-    def _account(self, stats: list[dict]) -> None:
+    def _account(self, stats: list[dict], final: bool = False) -> None:
         now = time.monotonic()
-        for outcome in self.runs.update(stats, now):
+        outcomes = self.runs.update(stats, now) + (self.runs.settle_all() if final else [])
+        for outcome in outcomes:
             self._missing += outcome.missing
-            files = []
-            for state in self.actors:
-                try:
-                    files += ray.get(state.handle.close_run.remote(outcome.run), timeout=60)
-                except (ray.exceptions.RayError, TimeoutError):
-                    pass
+            files = [] if final else self._close_run(outcome.run)  # at shutdown actors closed theirs
             log_fn = log.warning if outcome.missing else log.info
             log_fn("run_complete", source=outcome.source, run=outcome.run, count=outcome.count,
                    processed=outcome.processed, missing=outcome.missing, timed_out=outcome.timed_out,
-                   files=files)
+                   settled_by=outcome.how, files=files)
         for s in stats:
             s["restarts"] = self.actors[s["index"]].restarts
         self.metrics.update_from_stats(stats, missing_total=self._missing,
@@ -238,6 +234,16 @@ class Supervisor:
             self.notifier.status(f"{rate:.1f} frames/s, {processed} processed, "
                                  f"{sum(a.alive for a in self.actors)}/{len(self.actors)} actors")
         self._rate = (now, processed)
+
+    def _close_run(self, run: Any) -> list[str]:
+        """Every actor closes its CXI file of `run`; the completed files."""
+        files: list[str] = []
+        for state in self.actors:
+            try:
+                files += ray.get(state.handle.close_run.remote(run), timeout=60)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+        return files
 
     def total_processed(self) -> int:
         return sum(self.runs.processed().values())
@@ -257,7 +263,7 @@ class Supervisor:
                 continue
             self._note_incarnation(state, final)
             finals.append(final)
-        self._account(finals)
+        self._account(finals, final=True)
         totals = self.metrics.totals()
         log.info("daemon_stopped", **totals)
         if self._server is not None:

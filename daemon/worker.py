@@ -65,7 +65,7 @@ class Worker:
         self._hits = 0
         self._rejected: Counter[str] = Counter()
         self._sink_errors: Counter[str] = Counter()
-        self._runs: Counter[tuple[str, Any]] = Counter()
+        self._runs: dict[tuple[str, Any], list[int]] = {}  # (source, run) -> [processed, min seq, max seq]
         self._controls: list[dict] = []
         self._batch_sizes: list[int] = []
         self._latencies: list[float] = []
@@ -194,7 +194,9 @@ class Worker:
                 self._deliver(result, None if inputs is None else inputs[i])
             with self._stats_lock:
                 self._latencies.append(result["latency_ms"] / 1e3)
-                self._runs[(tag.source, tag.run)] += 1
+                tally = self._runs.setdefault((tag.source, tag.run), [0, tag.seq, tag.seq])
+                tally[0] += 1
+                tally[1], tally[2] = min(tally[1], tag.seq), max(tally[2], tag.seq)
         with self._stats_lock:
             self._processed += len(batch.frames)
             self._peaks += peaks_total
@@ -252,7 +254,7 @@ class Worker:
                 "actor": self.name, "index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
                 "received": self._received, "processed": self._processed, "peaks": self._peaks,
                 "hits": self._hits, "rejected": dict(self._rejected), "sink_errors": dict(self._sink_errors),
-                "runs": [[s, r, n] for (s, r), n in self._runs.items()], "controls": list(self._controls),
+                "runs": [[s, r, *tally] for (s, r), tally in self._runs.items()], "controls": list(self._controls),
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(),
                 "device_mem_bytes": self._device_memory(),

@@ -1,9 +1,10 @@
-"""Run accounting over several actors and restarts."""
+"""Run accounting over several actors, restarts, runs without an end, and shutdown."""
 
 from peaknet_daemon.runs import RunTracker
 
 
 def stats(index, incarnation, runs, controls=()):
+    """runs: [source, run, processed, min seq, max seq] rows, as a worker reports them."""
     return {"index": index, "incarnation": incarnation, "runs": runs, "controls": list(controls)}
 
 
@@ -12,23 +13,42 @@ END = {"type": "end", "source": "p0", "run": 1, "count": 10}
 
 def test_run_completes_when_actors_together_processed_count():
     t = RunTracker(grace_s=5)
-    assert t.update([stats(0, "a", [["p0", 1, 4]], [END]), stats(1, "b", [["p0", 1, 5]])], now=0) == []
+    assert t.update([stats(0, "a", [["p0", 1, 4, 0, 8]], [END]), stats(1, "b", [["p0", 1, 5, 1, 9]])], now=0) == []
     assert t.pending() == [("p0", 1)]
-    (done,) = t.update([stats(0, "a", [["p0", 1, 4]], [END]), stats(1, "b", [["p0", 1, 6]])], now=1)
-    assert (done.count, done.processed, done.missing, done.timed_out) == (10, 10, 0, False)
-    assert t.update([stats(1, "b", [["p0", 1, 6]])], now=2) == []  # reported once
+    (done,) = t.update([stats(0, "a", [["p0", 1, 4, 0, 8]], [END]), stats(1, "b", [["p0", 1, 6, 1, 9]])], now=1)
+    assert (done.count, done.processed, done.missing, done.timed_out, done.how) == (10, 10, 0, False, "end")
+    assert t.update([stats(1, "b", [["p0", 1, 6, 1, 9]])], now=2) == []  # reported once
+    assert t.settle_all() == []
 
 
 def test_shortfall_counted_as_missing_after_grace():
     t = RunTracker(grace_s=5)
-    t.update([stats(0, "a", [["p0", 1, 7]], [END])], now=0)
-    assert t.update([stats(0, "a", [["p0", 1, 7]], [END])], now=4.9) == []
-    (done,) = t.update([stats(0, "a", [["p0", 1, 7]], [END])], now=5.0)
+    t.update([stats(0, "a", [["p0", 1, 7, 0, 9]], [END])], now=0)
+    assert t.update([stats(0, "a", [["p0", 1, 7, 0, 9]], [END])], now=4.9) == []
+    (done,) = t.update([stats(0, "a", [["p0", 1, 7, 0, 9]], [END])], now=5.0)
     assert (done.missing, done.timed_out) == (3, True)
 
 
 def test_frames_of_a_dead_incarnation_still_count():
     t = RunTracker(grace_s=5)
-    t.update([stats(0, "old", [["p0", 1, 6]])], now=0)
-    (done,) = t.update([stats(0, "new", [["p0", 1, 4]], [END])], now=1)
+    t.update([stats(0, "old", [["p0", 1, 6, 0, 5]])], now=0)
+    (done,) = t.update([stats(0, "new", [["p0", 1, 4, 6, 9]], [END])], now=1)
     assert done.processed == 10 and done.missing == 0
+
+
+def test_a_run_without_end_is_settled_by_seq_gaps_once_the_source_moves_on():
+    t = RunTracker(grace_s=5)
+    t.update([stats(0, "a", [["p0", 1, 8, 0, 9]])], now=0)  # seqs 0..9, 8 processed: 2 gaps
+    t.update([stats(0, "a", [["p0", 1, 8, 0, 9], ["p0", 2, 1, 0, 0]])], now=1)
+    assert t.update([stats(0, "a", [["p0", 1, 8, 0, 9], ["p0", 2, 3, 0, 2]])], now=5.9) == []
+    (done,) = t.update([stats(0, "a", [["p0", 1, 8, 0, 9], ["p0", 2, 3, 0, 2]])], now=6)
+    assert (done.run, done.count, done.processed, done.missing, done.how) == (1, 10, 8, 2, "next_run")
+    (last,) = t.settle_all()
+    assert (last.run, last.missing, last.how) == (2, 0, "shutdown")
+
+
+def test_shutdown_settles_an_ended_run_short_of_its_count():
+    t = RunTracker(grace_s=60)
+    t.update([stats(0, "a", [["p0", 1, 9, 0, 9]], [END])], now=0)
+    (done,) = t.settle_all()
+    assert (done.count, done.processed, done.missing, done.how) == (10, 9, 1, "shutdown")
