@@ -69,15 +69,17 @@ class Supervisor:
                     node_id=node, soft=True)
             handle = remote_cls.options(**options).remote(self.cfg, i)
             self.actors.append(_ActorState(handle, i, node))
+        endpoints: list[str] = []
         for state in self.actors:
-            info = ray.get(state.handle.ready.remote(), timeout=300)
+            info = ray.get(state.handle.ready.remote(), timeout=600)  # includes compile + warm-up
             state.incarnation, state.alive = info["incarnation"], True
+            endpoints += info["endpoints"]
             log.info("actor_ready", **info)
         self._serve_metrics()
         self.notifier.ready()
         self.notifier.status(f"{len(self.actors)} actors up ({'GPU' if use_gpu else 'CPU'})")
         log.info("daemon_ready", actors=len(self.actors), device="gpu" if use_gpu else "cpu",
-                 endpoints=[s.endpoint for s in self.cfg.ingest.sockets], metrics_port=self.metrics_port)
+                 endpoints=sorted(set(endpoints)), metrics_port=self.metrics_port)
 
     def _plan_actors(self) -> tuple[bool, list[str]]:
         """Check GPUs, start or join Ray, decide how many actors go where (node ids)."""

@@ -204,3 +204,25 @@ def test_sigterm_mid_stream_loses_nothing_and_notifies_systemd(tmp_path):
     joined = "\n".join(messages)
     assert "WATCHDOG=1" in joined and "STATUS=" in joined
     assert joined.index("READY=1") < joined.index("STOPPING=1")
+
+
+def test_bind_mode_each_actor_binds_base_port_plus_index(tmp_path):
+    base, res_port, met_port = free_port(), free_port(), free_port()
+    cfg = small_config(tmp_path, base, res_port, met_port)
+    cfg["ingest"]["sockets"][0]["mode"] = "bind"
+    results = Results(res_port)
+    daemon = Daemon(cfg, tmp_path)
+    try:
+        ready = daemon.wait_event("daemon_ready")
+        assert ready["endpoints"] == [f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}"]
+        procs = [producer("bragg", "--endpoint", f"tcp://127.0.0.1:{base + i}", "--connect", "--frames", "20",
+                          "--rate", "0", "--source", f"b{i}", "--run", "5", "--seed", str(i), "--shape", SHAPE_ARG)
+                 for i in range(2)]
+        got = results.wait_count(40, timeout=60)
+        assert all(p.wait(timeout=60) == 0 for p in procs)
+        assert Counter(r["source"] for r in got) == {"b0": 20, "b1": 20}
+        assert {r["worker"] for r in got if r["source"] == "b0"} != {r["worker"] for r in got if r["source"] == "b1"}
+        assert daemon.terminate() == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        results.close()
