@@ -127,6 +127,8 @@ class Pipeline:
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else pc.device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
         self.frame_shape: tuple[int, int, int] = tuple(pc.frame_shape)  # type: ignore[assignment]
         self.batch_size: int = pc.batch_size
         self.max_peaks: int = pc.max_peaks
@@ -260,6 +262,8 @@ class Pipeline:
                         entry.keep = (pt.peaks, pt.counts, pt.overflow, valid)
         except BaseException as exc:  # surfaced to the result thread by collect
             entry.error = exc
+            if self.cuda:  # kernels already queued may still read the slot: let them finish first
+                torch.cuda.synchronize(self.device)
         finally:
             entry.launched.set()
 

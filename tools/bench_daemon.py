@@ -32,19 +32,27 @@ import zmq
 from daemon_process import free_port, wait_ready
 
 
+def model_section(model: str, checkpoint: str) -> dict:
+    """'auto': the shipped weights (and their threshold) for peaknet-atto, random weights for
+    peaknet-small (none are shipped); extraction cost depends on what the net marks."""
+    if checkpoint == "auto":
+        return {"preset": model, "checkpoint": "default", "threshold": 0.75} if model == "peaknet-atto" else {"preset": model}
+    return {"preset": model, "checkpoint": "" if model == "classical" else checkpoint}
+
+
 def daemon_config(model: str, args, ports: list[int], results: str, metrics_port: int) -> dict:
     """The daemon's config: one bound TCP ingest socket (and thread) per producer. TCP, not ipc:
     with ipc, libzmq (pyzmq 27.3) was seen to drop a producer's last messages when the producer
     exits while the receiver sits at its HWM."""
     shape = [int(v) for v in args.frame_shape.split(",")]
     return {
-        "model": {"preset": model, "checkpoint": args.checkpoint if model != "classical" else ""},
+        "model": model_section(model, args.checkpoint),
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
                      "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": "default", "device": "auto"},
-        "ray": {"num_cpus": max(2, len(ports) + 1)},
-        "gpus": {"cpu_fallback": True, "cpu_actors": 1, "max_actors": args.gpus},
+        "ray": {"num_cpus": max(2, len(ports) + 1), "max_restarts": 0},  # a crash ends the bench
+        "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
         "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
                                for port in ports]},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
@@ -86,7 +94,7 @@ def steady_rate(arrivals: list[float]) -> float:
     return (b - a) / (arrivals[b] - arrivals[a])
 
 
-def run_model(model: str, ks: list[int], args) -> list[dict]:
+def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[dict]:
     """One daemon per model with max(ks) ingest sockets; for each K, producers on the first K."""
     tmp = Path(tempfile.mkdtemp(prefix="pnbench-"))
     ctx = zmq.Context()
@@ -99,32 +107,34 @@ def run_model(model: str, ks: list[int], args) -> list[dict]:
     ports = [free_port() for _ in range(max(ks))]
     cfg_path.write_text(yaml.safe_dump(daemon_config(model, args, ports, results, mport)))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    log_path = tmp / "daemon.log"
+    log_path = Path(args.log_dir or tmp) / f"daemon-{model}.log"
+    print(f"{model}: daemon log {log_path}", flush=True)
     daemon = subprocess.Popen([sys.executable, "-m", "peaknet_daemon.cli", "--config", str(cfg_path)], env=env,
-                              stderr=open(log_path, "w"))
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     rows = []
     try:
-        wait_ready(mport, daemon)
+        wait_ready(mport, daemon, timeout=args.timeout)
         for k in ks:
             # warm-up (compile, allocator), then the max-rate run, then 80% of it for latency
             for p in producers(ports[:k], args, args.warmup, 0):
                 p.wait()
-            consume(pull, args.warmup * k, 600)
+            consume(pull, args.warmup * k, args.timeout)
             per = args.frames // k
             procs = producers(ports[:k], args, per, 0)
-            arrivals, lat = consume(pull, per * k, 600)
+            arrivals, lat = consume(pull, per * k, args.timeout)
             for p in procs:
                 p.wait()
             row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals)}
             rate80 = 0.8 * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
-            _, lat80 = consume(pull, n80 * k, 600)
+            _, lat80 = consume(pull, n80 * k, args.timeout)
             for p in procs:
                 p.wait()
             row["p50_ms"], row["p99_ms"] = (float(np.percentile(lat80, q)) for q in (50, 99))
             row["p50_ms_max_rate"], row["p99_ms_max_rate"] = (float(np.percentile(lat, q)) for q in (50, 99))
             rows.append(row)
+            on_row(row)
     except Exception:
         sys.stderr.write(log_path.read_text()[-4000:])
         raise
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay-ms", type=float, default=20)
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
     p.add_argument("--compile", action="store_true", default=False)
-    p.add_argument("--checkpoint", default="")
+    p.add_argument("--checkpoint", default="auto", help="auto | '' (random weights) | a file")
     p.add_argument("--frames", type=int, default=3000 if gpu else 300)
     p.add_argument("--warmup", type=int, default=64 if gpu else 16)
     p.add_argument("--latency-seconds", type=float, default=4.0)
@@ -170,24 +180,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--log-level", default="warning", help="the daemon's log level")
+    p.add_argument("--log-dir", help="write the daemon logs here (default: a temporary folder)")
+    p.add_argument("--timeout", type=float, default=300, help="give up waiting for readiness or results after this")
     args = p.parse_args(argv)
-    rows = []
+    args.gpu = gpu
+    # A SIGTERM (e.g. from `timeout`) unwinds through run_model's finally: the daemon is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"bench_daemon: terminated; rows so far in {args.json}"))
+    rows: list[dict] = []
     for model in args.models.split(","):
         mo = model_only(model, args)
-        for row in run_model(model, [int(v) for v in args.producers.split(",")], args):
+
+        def on_row(row: dict, mo: float = mo) -> None:
             row["model_only_fps"] = mo
             row["ratio"] = row["fps"] / mo
             rows.append(row)
-            print(f"{model:14s} K={row['producers']}  end-to-end {row['fps']:8.1f} frames/s  model-only {mo:8.1f}  "
-                  f"ratio {row['ratio']:.2f}  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
-                  f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)", flush=True)
+            print(f"{row['model']:14s} K={row['producers']}  end-to-end {row['fps']:8.1f} frames/s  "
+                  f"model-only {mo:8.1f}  ratio {row['ratio']:.2f}  p50 {row['p50_ms']:.1f} ms  "
+                  f"p99 {row['p99_ms']:.1f} ms at 80%  (p99 {row['p99_ms_max_rate']:.1f} ms at max)", flush=True)
+            if args.json:  # after every row, so a timeout keeps what was measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+
+        run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
     print("\n| model | K | end-to-end frames/s | model-only frames/s | ratio | p50 ms @80% | p99 ms @80% |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['producers']} | {r['fps']:.1f} | {r['model_only_fps']:.1f} | {r['ratio']:.2f} "
               f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

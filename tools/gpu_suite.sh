@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# All GPU checks and benchmarks in one call on the GPU machine (see README "GPU figures").
-#   tools/gpu_suite.sh [pipeline] [daemon] [train]     (default: pipeline daemon)
-# Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Writes logs to $OUT.
+# The GPU checks and benchmarks, one stage per device call (each fits the 600 s limit):
+#   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~45+120+300 s)
+#   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~480 s)
+#   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
+# Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
+if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+  ln -sfn "$PWD/daemon" /tmp/site/peaknet_daemon && ln -sfn "$PWD/producers" /tmp/site/peaknet_producers || exit 1
+fi
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 CUDA_DEVICE_ORDER=PCI_BUS_ID
-stages=${*:-pipeline daemon}
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date -u +%H:%M:%S))"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name rc=${PIPESTATUS[0]}"; }
-for stage in $stages; do
-  case $stage in
-    pipeline)
-      nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
-      step gpu_check 60 python3 -m peaknet_daemon.gpu_health
-      step gpu_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
-      step bench_pipeline 330 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json" ;;
-    daemon)
-      step bench_daemon 560 python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
-        --compile --frames 2000 --seconds 3 --latency-seconds 3 --json "$OUT/bench_daemon.json" ;;
-    train)
-      step train 540 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  esac
-done
+step() {  # name, limit in s, command...: output to the terminal and $OUT/name.txt
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
+  tail -n 40 "$OUT/$name.txt"; echo "=== $name rc=$rc"
+}
+case ${1:-} in
+  pipeline)
+    nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
+    step gpu_check 45 python3 -m peaknet_daemon.gpu_health
+    step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_gpu_pipeline.py
+    step bench_pipeline 300 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json" ;;
+  daemon)
+    step bench_daemon 480 python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
+      --compile --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
+      --json "$OUT/bench_daemon.json" ;;
+  train)
+    step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
+  *) echo "usage: $0 pipeline|daemon|train" >&2; exit 2 ;;
+esac
