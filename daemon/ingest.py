@@ -60,10 +60,11 @@ class SocketReader:
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, sock.rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
-        if sock.mode == "bind":
-            self.socket.bind(endpoint)
-        else:
-            self.socket.connect(endpoint)
+        try:
+            (self.socket.bind if sock.mode == "bind" else self.socket.connect)(endpoint)
+        except zmq.ZMQError as exc:
+            self.socket.close(linger=0)
+            raise OSError(f"cannot {sock.mode} ingest socket {endpoint}: {exc.strerror}") from None
 
     def run(self, stop: threading.Event, poll_ms: int = 50) -> None:
         """Receive until `stop` is set; closes the socket on the way out."""

@@ -27,6 +27,12 @@ from .sdnotify import SdNotifier
 log = get_logger("peaknet.supervisor")
 
 
+def _last_line(exc: BaseException) -> str:
+    """The final line of a remote traceback: the error itself."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start (no usable device, Ray unreachable); exit code 2."""
 
@@ -71,7 +77,10 @@ class Supervisor:
             self.actors.append(_ActorState(handle, i, node))
         endpoints: list[str] = []
         for state in self.actors:
-            info = ray.get(state.handle.ready.remote(), timeout=600)  # includes compile + warm-up
+            try:
+                info = ray.get(state.handle.ready.remote(), timeout=600)  # includes compile + warm-up
+            except ray.exceptions.RayActorError as exc:
+                raise StartupError(f"pipeline actor {state.index} failed to start: {_last_line(exc)}") from None
             state.incarnation, state.alive = info["incarnation"], True
             endpoints += info["endpoints"]
             log.info("actor_ready", **info)

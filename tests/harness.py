@@ -31,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P with P and P + 1 both free (bind mode: actor i binds base + i)."""
+    while True:
+        base = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", base + 1))
+                return base
+            except OSError:
+                continue
+
+
 def small_config(tmp: Path, in_port: int, results_port: int, metrics_port: int, **sections) -> dict:
     """2 CPU actors, classical finder on small uint16 frames, connect mode to a binding producer."""
     cfg = {

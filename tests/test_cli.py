@@ -160,3 +160,24 @@ def test_gpu_check_reports_no_gpu():
 def test_gpu_check_json_is_an_empty_list():
     out = gpu_check("--json", "--min-gpus", "0")
     assert out.returncode == 0 and yaml.safe_load(out.stdout) == []
+
+
+def test_an_ingest_port_already_in_use_exits_2_naming_it(tmp_path):
+    import socket
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    cfg = write_yaml(tmp_path, f"""
+pipeline: {{frame_shape: [1, 32, 32], device: cpu}}
+model: {{preset: classical}}
+ray: {{num_cpus: 1}}
+ingest: {{sockets: [{{endpoint: "tcp://127.0.0.1:{port}", mode: bind}}]}}
+metrics: {{enabled: false}}
+""")
+    try:
+        proc = daemon("--config", str(cfg), timeout=120)
+    finally:
+        blocker.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot bind ingest socket tcp://127.0.0.1:{port}" in proc.stderr

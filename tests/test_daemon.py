@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
-from harness import SMALL_SHAPE, Daemon, Results, free_port, producer, small_config
+from harness import SMALL_SHAPE, Daemon, Results, free_port, free_port_pair, producer, small_config
 from peaknet_daemon.wire import encode_control, encode_frame
 
 pytestmark = pytest.mark.slow
@@ -207,7 +207,10 @@ def test_sigterm_mid_stream_loses_nothing_and_notifies_systemd(tmp_path):
 
 
 def test_bind_mode_each_actor_binds_base_port_plus_index(tmp_path):
-    base, res_port, met_port = free_port(), free_port(), free_port()
+    res_port, met_port = free_port(), free_port()
+    base = free_port_pair()
+    while {base, base + 1} & {res_port, met_port}:
+        base = free_port_pair()
     cfg = small_config(tmp_path, base, res_port, met_port)
     cfg["ingest"]["sockets"][0]["mode"] = "bind"
     results = Results(res_port)
