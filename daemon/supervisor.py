@@ -108,6 +108,8 @@ class Supervisor:
         return self._cluster_placements()
 
     def _local_gpus(self) -> int:
+        """Check this node's GPUs; export the healthy ones the user allowed as
+        CUDA_VISIBLE_DEVICES (before Ray starts, so Ray and the actors see only those)."""
         gcfg = self.cfg.gpus
         if not gcfg.validate:
             import torch
@@ -115,16 +117,17 @@ class Supervisor:
         reports = check_gpus(gcfg)
         if reports:
             log.info("gpu_health", table=format_table(reports))
-        healthy = [r for r in reports if r.healthy]
         for r in reports:
             if not r.healthy:
                 log.error("gpu_unhealthy", gpu=r.index, problems=r.problems)
-        if healthy:
-            visible = healthy_visible_devices(reports, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        visible = healthy_visible_devices(reports, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        usable = len([t for t in visible.split(",") if t])  # NVML sees every GPU; count the allowed
+        if usable:
             os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = NVML's
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
-            log.info("gpus_selected", cuda_visible_devices=visible, healthy=len(healthy), total=len(reports))
-        return self._check_minimum(len(healthy), len(reports))
+            log.info("gpus_selected", cuda_visible_devices=visible, usable=usable,
+                     healthy=sum(r.healthy for r in reports), total=len(reports))
+        return self._check_minimum(usable, len(reports))
 
     def _check_minimum(self, healthy: int, total: int) -> int:
         gcfg = self.cfg.gpus
