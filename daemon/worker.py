@@ -29,7 +29,7 @@ from .log import RateLimitedLog, get_logger
 from .metrics import process_rss_bytes
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
-from .sinks.cxi import CxiWriter, SinkError, default_max_peaks, write_geometry
+from .sinks.cxi_runs import CxiRunWriters
 from .sinks.results_stream import ResultStream
 from .wire import Header
 
@@ -73,8 +73,8 @@ class Worker:
         self._stop_ingest = threading.Event()
         self._give_up = threading.Event()
         self._stop_results = threading.Event()
-        self._writers: dict[Any, CxiWriter] = {}
-        self._writers_lock = threading.Lock()
+        self._cxi = (CxiRunWriters(cfg, f"w{index}-{self.incarnation[:6]}", lambda exc: self._sink_error("cxi", exc),
+                                   queue_frames=2 * cfg.pipeline.batch_size) if cfg.output.cxi_dir else None)
         self._ctx = zmq.Context()
         self._stream = ResultStream(self._results_cfg(), self._ctx) if cfg.output.results_endpoint else None
         self._assembler = BatchAssembler(self.pipeline, cfg.pipeline.max_batch_delay_ms / 1e3, self._give_up)
@@ -209,35 +209,14 @@ class Worker:
                 self._stream.send(result)
             except Exception as exc:  # a results consumer must never take the worker down
                 self._sink_error("results", exc)
-        if self.cfg.output.cxi_dir:
-            try:
-                self._writer(result["run"]).write(result, frame)
-            except (SinkError, OSError, ValueError) as exc:
-                self._sink_error("cxi", exc)
+        if self._cxi is not None:
+            self._cxi.put(result, frame)
 
     def _sink_error(self, sink: str, exc: Exception) -> None:
         with self._stats_lock:
             self._sink_errors[sink] += 1
         if self._reject_log.should_log("sink:" + sink):
             log.error("sink_error", sink=sink, error=str(exc), worker=self.name)
-
-    def _writer(self, run: Any) -> CxiWriter:
-        with self._writers_lock:
-            writer = self._writers.get(run)
-            if writer is None:
-                out, p = self.cfg.output, self.cfg.pipeline
-                os.makedirs(out.cxi_dir, exist_ok=True)
-                shape = tuple(p.frame_shape)
-                geom = os.path.join(out.cxi_dir, "peaknet-slab.geom")
-                if not os.path.exists(geom):
-                    write_geometry(geom, shape)
-                writer = CxiWriter(out.cxi_dir, f"w{self.index}-{self.incarnation[:6]}", shape, p.dtype,
-                                   max_peaks=default_max_peaks(p.max_peaks, shape[0]),
-                                   frames_per_file=out.frames_per_file, save_frames=out.save_frames,
-                                   hit_threshold=out.hit_threshold, compression=out.compression,
-                                   geometry=False)
-                self._writers[run] = writer
-            return writer
 
     # ------------------------------------------------------------------ control (actor methods)
     def ready(self) -> dict:
@@ -267,15 +246,7 @@ class Worker:
 
     def close_run(self, run: Any) -> list[str]:
         """Close the CXI file of a finished run; returns this worker's completed files of it."""
-        with self._writers_lock:
-            writer = self._writers.pop(run, None)
-        if writer is None:
-            return []
-        try:
-            writer.close()
-        except (SinkError, OSError) as exc:
-            self._sink_error("cxi", exc)
-        return [str(f) for f in writer.files()]
+        return self._cxi.close_run(run) if self._cxi is not None else []
 
     def stop(self) -> dict:
         """Stop receiving, finish every received frame, flush and close sinks; final stats."""
@@ -289,8 +260,8 @@ class Worker:
         for batch in self.pipeline.drain():
             self._handle_batch(batch)
         self._give_up.set()
-        for run in list(self._writers):
-            self.close_run(run)
+        if self._cxi is not None:
+            self._cxi.close()
         if self._stream is not None:
             self._stream.close()
         self.pipeline.close()

@@ -286,3 +286,26 @@ def test_bind_failure_is_a_sink_error():
         a.close(linger_ms=0)
     finally:
         ctx.term()
+
+
+def test_run_writers_close_a_run_after_its_queued_events_and_count_errors(tmp_path):
+    from peaknet_daemon.config import config_from_dict
+    from peaknet_daemon.sinks.cxi_runs import CxiRunWriters
+
+    cfg = config_from_dict({"pipeline": {"frame_shape": list(SHAPE), "dtype": "float32", "max_peaks": 4},
+                            "output": {"cxi_dir": str(tmp_path), "save_frames": "all"}})
+    errors = []
+    sink = CxiRunWriters(cfg, "w0", errors.append, queue_frames=2)
+    for seq in range(5):  # more than the queue holds: put() waits for the writer
+        sink.put(make_result(seq, [(0, 1.0, 2.0, 3.0, 1)], run=1), frame(seq))
+    sink.put(make_result(9, [], run=1), None)  # save_frames 'all' needs the frame: an error, not a crash
+    files = sink.close_run(1)
+    assert len(files) == 1 and files[0].endswith(".cxi")
+    with h5py.File(files[0], "r") as f:
+        assert f["/entry_1/seq"][:].tolist() == [0, 1, 2, 3, 4]
+        np.testing.assert_array_equal(f["/entry_1/data_1/data"][4], frame(4).reshape(-1, SHAPE[2]))
+    assert len(errors) == 1 and "needs the frame" in str(errors[0])
+    sink.put(make_result(10, [], run=2), frame(10))
+    sink.close()
+    assert sorted(p.name for p in tmp_path.glob("*.cxi")) == ["w0-r1-0000.cxi", "w0-r2-0000.cxi"]
+    assert (tmp_path / "peaknet-slab.geom").exists() and not list(tmp_path.glob("*.tmp"))

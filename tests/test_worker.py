@@ -86,13 +86,18 @@ class Pusher:
         self.ctx.term()
 
 
-def wait_processed(worker: Worker, n: int, timeout: float = 30) -> dict:
-    """The worker's stats once it has processed (streamed and written) `n` frames."""
+def wait_stats(worker: Worker, done, timeout: float = 30) -> dict:
+    """The worker's stats once `done(stats)` holds."""
     deadline = time.monotonic() + timeout
-    while (stats := worker.stats())["processed"] < n:
+    while not done(stats := worker.stats()):
         assert time.monotonic() < deadline, stats
         time.sleep(0.01)  # polling counters that have no event to wait on
     return stats
+
+
+def wait_processed(worker: Worker, n: int, timeout: float = 30) -> dict:
+    """The worker's stats once it has processed (streamed and handed to the CXI writer) `n` frames."""
+    return wait_stats(worker, lambda s: s["processed"] >= n, timeout)
 
 
 def cxi_events(cxi_dir: Path) -> dict[int, int]:
@@ -151,7 +156,8 @@ def test_disk_full_loses_cxi_events_but_no_results(tmp_path, frames, results, lo
         monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
         pusher.send(frames[:12])
         assert len(results.wait_count(12, timeout=60)) == 12
-        during = wait_processed(worker, 12)  # a result is streamed before its CXI write
+        # CXI writes follow on the writer's own thread: wait until all 12 have been tried
+        during = wait_stats(worker, lambda s: s["processed"] >= 12 and s["sink_errors"].get("cxi", 0) >= 12)
         monkeypatch.undo()  # space is back
 
         pusher.send(frames[12:], first_seq=12)

@@ -1,0 +1,99 @@
+"""One actor's CXI output: a writer per run, fed by a thread of its own.
+
+The result thread hands each result (and the frame, for saved events) to a bounded queue and
+goes on with the next batch; the disk, and gzip of saved frames (~90 ms per epix10k2M frame),
+no longer hold up the pipeline unless the queue is full, which is the backpressure that keeps
+memory bounded. Closing a run goes through the same queue, so a run's file is closed only
+after every one of its events that was queued before the close has been written.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import Config
+from ..log import get_logger
+from . import SinkError
+from .cxi import CxiWriter, default_max_peaks, write_geometry
+
+log = get_logger("peaknet.cxi")
+
+GEOMETRY_FILE = "peaknet-slab.geom"
+
+
+class CxiRunWriters:
+    """See the module docstring. `on_error(exc)` is called (on the writer thread) for every
+    failed write or close: counted and logged by the caller, never raised."""
+
+    def __init__(self, cfg: Config, prefix: str, on_error: Callable[[Exception], None],
+                 queue_frames: int = 32):
+        self.cfg, self.prefix, self.on_error = cfg, prefix, on_error
+        self._writers: dict[Any, CxiWriter] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
+        self._thread = threading.Thread(target=self._loop, name=f"cxi-{prefix}", daemon=True)
+        self._thread.start()
+
+    def put(self, result: dict, frame: np.ndarray | None) -> None:
+        """Queue one event (blocks while the queue is full)."""
+        self._queue.put(("write", result, frame))
+
+    def close_run(self, run: Any) -> list[str]:
+        """Close `run`'s file once its queued events are written; its completed files."""
+        if not self._thread.is_alive():
+            return self._close(run)
+        reply: dict[str, Any] = {"done": threading.Event()}
+        self._queue.put(("close", run, reply))
+        reply["done"].wait()
+        return reply["files"]
+
+    def close(self) -> None:
+        """Write everything queued, close every run's file, stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(("stop", None, None))
+            self._thread.join()
+        for run in list(self._writers):
+            self._close(run)
+
+    def _loop(self) -> None:
+        while True:
+            kind, arg, extra = self._queue.get()
+            if kind == "stop":
+                return
+            if kind == "close":
+                extra["files"] = self._close(arg)
+                extra["done"].set()
+                continue
+            try:
+                self._writer(arg["run"]).write(arg, extra)
+            except Exception as exc:  # the writer thread must outlive any bad event or full disk
+                self.on_error(exc)
+
+    def _writer(self, run: Any) -> CxiWriter:
+        writer = self._writers.get(run)
+        if writer is None:
+            out, p = self.cfg.output, self.cfg.pipeline
+            os.makedirs(out.cxi_dir, exist_ok=True)
+            shape = tuple(p.frame_shape)
+            geometry = os.path.join(out.cxi_dir, GEOMETRY_FILE)
+            if not os.path.exists(geometry):
+                write_geometry(geometry, shape)
+            writer = self._writers[run] = CxiWriter(
+                out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=default_max_peaks(p.max_peaks, shape[0]),
+                frames_per_file=out.frames_per_file, save_frames=out.save_frames,
+                hit_threshold=out.hit_threshold, compression=out.compression, geometry=False)
+        return writer
+
+    def _close(self, run: Any) -> list[str]:
+        writer = self._writers.pop(run, None)
+        if writer is None:
+            return []
+        try:
+            writer.close()
+        except (SinkError, OSError) as exc:
+            self.on_error(exc)
+        return [str(f) for f in writer.files()]
