@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable
 
 import numpy as np
@@ -34,6 +34,7 @@ from .sinks.results_stream import ResultStream
 from .wire import Header
 
 log = get_logger("peaknet.worker")
+SAMPLES_KEPT = 100_000  # latency and batch-size samples held between two stats() calls
 
 
 def frame_result(tag: FrameTag, peaks: FramePeaks, hit_threshold: int, worker: str,
@@ -67,8 +68,10 @@ class Worker:
         self._sink_errors: Counter[str] = Counter()
         self._runs: dict[tuple[str, Any], list[int]] = {}  # (source, run) -> [processed, min seq, max seq]
         self._controls: list[dict] = []
-        self._batch_sizes: list[int] = []
-        self._latencies: list[float] = []
+        # Samples for the histograms until the next stats() call; bounded, so a worker nobody
+        # polls (the library API) does not grow with the frames it processes.
+        self._batch_sizes: deque[int] = deque(maxlen=SAMPLES_KEPT)
+        self._latencies: deque[float] = deque(maxlen=SAMPLES_KEPT)
         self._reject_log = RateLimitedLog(cfg.ingest.reject_log_interval_s)
         self._stop_ingest = threading.Event()
         self._give_up = threading.Event()
@@ -227,8 +230,9 @@ class Worker:
     def stats(self) -> dict:
         """Cumulative counters plus the batch sizes and latencies seen since the last call."""
         with self._stats_lock:
-            batch_sizes, self._batch_sizes = self._batch_sizes, []
-            latencies, self._latencies = self._latencies, []
+            batch_sizes, latencies = list(self._batch_sizes), list(self._latencies)
+            self._batch_sizes.clear()
+            self._latencies.clear()
             return {
                 "actor": self.name, "index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
                 "received": self._received, "processed": self._processed, "peaks": self._peaks,
