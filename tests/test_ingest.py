@@ -73,26 +73,34 @@ def bad_messages():
 
 
 @pytest.fixture
-def reader_and_sender(tmp_path):
+def open_reader(tmp_path):
+    """open_reader(format) -> (collector, PUSH socket) with a SocketReader bound and running."""
     ctx = zmq.Context()
-    col = Collector()
-    endpoint = f"ipc://{tmp_path}/in.sock"
-    cfg = SocketConfig(endpoint=endpoint, mode="bind", max_message_bytes=64 * 1024)
-    reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
-    stop = threading.Event()
-    thread = threading.Thread(target=reader.run, args=(stop,))
-    thread.start()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(endpoint)
-    yield col, push
-    stop.set()
-    thread.join()
-    push.close(linger=0)
+    running = []
+
+    def open_(fmt: str = "peaknet/1"):
+        col = Collector()
+        endpoint = f"ipc://{tmp_path}/in{len(running)}.sock"
+        cfg = SocketConfig(endpoint=endpoint, mode="bind", format=fmt, max_message_bytes=64 * 1024)
+        reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
+        stop = threading.Event()
+        thread = threading.Thread(target=reader.run, args=(stop,))
+        thread.start()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(endpoint)
+        running.append((stop, thread, push))
+        return col, push
+
+    yield open_
+    for stop, thread, push in running:
+        stop.set()
+        thread.join()
+        push.close(linger=0)
     ctx.term()
 
 
-def test_bad_messages_are_rejected_by_reason_and_good_ones_interleaved_pass(reader_and_sender):
-    col, push = reader_and_sender
+def test_bad_messages_are_rejected_by_reason_and_good_ones_interleaved_pass(open_reader):
+    col, push = open_reader()
     bad = bad_messages()
     push.send_multipart(encode_control("start", "s", run=3))
     sent_good = []
@@ -117,28 +125,15 @@ def test_bind_endpoint_is_base_port_plus_actor_index():
     assert socket_endpoint(SocketConfig(endpoint="tcp://daq:6000", mode="connect"), 2) == "tcp://daq:6000"
 
 
-def test_lclstreamer_npz_batches_become_frames(tmp_path):
+def test_lclstreamer_npz_batches_become_frames(open_reader):
     import io
-    col = Collector()
-    ctx = zmq.Context()
-    endpoint = f"ipc://{tmp_path}/npz.sock"
-    cfg = SocketConfig(endpoint=endpoint, mode="bind", format="lclstreamer-npz")
-    reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
-    stop = threading.Event()
-    thread = threading.Thread(target=reader.run, args=(stop,))
-    thread.start()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(endpoint)
+    col, push = open_reader("lclstreamer-npz")
     data = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float32)
     buf = io.BytesIO()
     np.savez(buf, detector_data=data, timestamp=np.array([1.0, 2.0, 3.0]), photon_wavelength=np.full(3, 1.3))
     push.send(buf.getvalue())
     push.send(b"not an npz")
     col.wait_total(4)
-    stop.set()
-    thread.join()
-    push.close(linger=0)
-    ctx.term()
     assert col.rejects == ["bad_npz"]
     assert [tag.seq for _, tag in col.frames] == [0, 1, 2]
     np.testing.assert_array_equal(np.stack([a for a, _ in col.frames]), data)
