@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import zmq
 
+from harness import free_port
 from peaknet_daemon.wire import check_frame, decode_header
 
 
 def free_tcp() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A free TCP endpoint on loopback."""
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class Receiver(threading.Thread):
