@@ -1,9 +1,11 @@
 """Peak extraction on the device: peak-pixel mask -> connected components -> compact peak table.
 
-Everything here stays on the mask's device; the only tensors that leave it are the fixed-size
-`PeakTensors` (a few KB per panel), never the mask, the labels or the per-pixel signal. The
-only host synchronisations are the convergence checks of `label_components`, one every few
-iterations.
+Peak pixels are a small fraction of a detector image, so the work runs on the list of
+foreground pixels rather than on full images: one `nonzero` sizes that list (the only host
+synchronisation besides the convergence checks of the labelling, one every few iterations),
+and everything after it is proportional to the number of peak pixels. The only tensors that
+leave the device are the fixed-size `PeakTensors` (a few KB per panel), never the mask, the
+labels or the per-pixel signal.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+# Half of the 8-neighbourhood: with it every 8-connected pair of pixels is one edge.
+_FORWARD = ((0, 1), (1, -1), (1, 0), (1, 1))
 
 
 class PeakTensors(NamedTuple):
@@ -27,43 +31,67 @@ class PeakTensors(NamedTuple):
     overflow: torch.Tensor
 
 
-def _max3x3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 max filter of (N, H, W) integer labels, zero outside (a separable max-pool that also
-    works for int64 on every device)."""
-    p = F.pad(x, (1, 1, 1, 1))
-    r = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
-    return torch.maximum(torch.maximum(r[:, :-2], r[:, 1:-1]), r[:, 2:])
+def _edges(fg: torch.Tensor, n: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) list positions of 8-connected foreground pairs, for foreground pixels `fg`
+    given as sorted flat indices into (n, h, w); a pixel without a neighbour in some direction
+    gets a self-loop there, so the edge list has a static length of 4 * len(fg)."""
+    m = fg.numel()
+    ids = torch.arange(m, device=fg.device)
+    position = torch.full((n * h * w,), -1, dtype=torch.int32, device=fg.device)
+    position[fg] = ids.to(torch.int32)
+    y = (fg % (h * w)) // w
+    x = fg % w
+    dst = []
+    for dy, dx in _FORWARD:
+        inside = (y + dy < h) & (x + dx >= 0) & (x + dx < w)
+        nb = position[torch.where(inside, fg + (dy * w + dx), fg)].long()
+        dst.append(torch.where(nb >= 0, nb, ids))
+    return ids.repeat(len(_FORWARD)), torch.cat(dst)
 
 
-def label_components(mask: torch.Tensor, check_every: int = 4, jumps: int = 2) -> torch.Tensor:
-    """8-connected component labels of a (N, H, W) bool mask: int64, 0 = background.
+def _hook_and_jump(lab: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, jumps: int) -> torch.Tensor:
+    """One labelling iteration: across every edge the larger label's root adopts the smaller
+    label (so a whole tree learns of its neighbour at once), then pointer jumping."""
+    a, b = lab[src], lab[dst]
+    low = torch.minimum(a, b)
+    targets = torch.cat([torch.maximum(a, b), src, dst])  # the larger root, and both ends
+    lab = lab.scatter_reduce(0, targets, low.repeat(3), reduce="amin")
+    for _ in range(jumps):
+        lab = lab[lab]
+    return lab
 
-    Each foreground pixel starts with its own flat index + 1 and treats its label as a pointer
-    to the pixel it names. Every iteration (1) hooks: the pixel a label points to (its root)
-    takes the largest label of the pointing pixel's 3x3 neighbourhood, so a whole tree learns
-    of a neighbouring tree at once; (2) propagates that maximum locally; (3) pointer-jumps,
-    label <- label of the pixel it names. Labels only grow and always name a pixel of the same
-    component, so at the fixed point every component carries the flat index + 1 of its
-    largest pixel. Hooking plus jumping converges in a few dozen iterations even on long
-    snakes, where plain max propagation would need one iteration per pixel of the path.
+
+def label_pixels(fg: torch.Tensor, n: int, h: int, w: int, check_every: int = 4,
+                 jumps: int = 2) -> torch.Tensor:
+    """Component of each foreground pixel (sorted flat indices `fg` into (n, h, w)), as the
+    list position of its component's first pixel.
+
+    Labels start as each pixel's own position and only ever shrink to the position of another
+    pixel of the same component; at the fixed point every label names its component's first
+    pixel. Hooking plus pointer jumping converges in a few dozen iterations even on long
+    snakes, where plain min propagation would need one iteration per pixel of the path.
     """
-    if mask.dim() != 3:
-        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
-    n, h, w = mask.shape
-    hw = h * w
-    fg = mask.reshape(n, hw).bool()
-    own = torch.arange(hw, device=mask.device, dtype=torch.int64).expand(n, hw)
-    lab = torch.where(fg, own + 1, 0)
+    src, dst = _edges(fg, n, h, w)
+    lab = torch.arange(fg.numel(), device=fg.device)
     while True:
         before = lab
         for _ in range(check_every):
-            nb = torch.where(fg, _max3x3(lab.view(n, h, w)).reshape(n, hw), 0)
-            lab = lab.scatter_reduce(1, torch.where(fg, lab - 1, own), nb, reduce="amax", include_self=True)
-            lab = torch.maximum(lab, nb)
-            for _ in range(jumps):
-                lab = lab.gather(1, torch.where(fg, lab - 1, own))
-        if torch.equal(lab, before):
-            return lab.view(n, h, w)
+            lab = _hook_and_jump(lab, src, dst, jumps)
+        if torch.equal(lab, before):  # labels never grow, so no change means a fixed point
+            return lab
+
+
+def label_components(mask: torch.Tensor) -> torch.Tensor:
+    """8-connected component labels of a (N, H, W) bool mask: int64, 0 = background, each
+    component labelled with 1 + the flat index of its first pixel."""
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be (N, H, W), got shape {tuple(mask.shape)}")
+    n, h, w = mask.shape
+    fg = mask.reshape(-1).nonzero().squeeze(1)
+    out = torch.zeros(n * h * w, dtype=torch.int64, device=mask.device)
+    if fg.numel():
+        out[fg] = fg[label_pixels(fg, n, h, w)] + 1
+    return out.view(n, h, w)
 
 
 def extract_peaks(mask: torch.Tensor, signal: torch.Tensor, max_peaks: int, min_pixels: int,
@@ -72,43 +100,45 @@ def extract_peaks(mask: torch.Tensor, signal: torch.Tensor, max_peaks: int, min_
 
     The centroid is weighted by max(signal, 0), or unweighted when a component has no positive
     signal. Components with min_pixels <= npix <= max_pixels are kept, the max_peaks brightest
-    per image by summed signal; images with valid[i] False get none. All reductions are
-    scatter_adds over the flat labels plus one topk: no loop over images or peaks.
+    per image by summed signal; images with valid[i] False get none. All reductions run over
+    the foreground pixels with index_adds and two stable sorts: no loop over images or peaks.
     """
     n, h, w = mask.shape
     hw = h * w
     dev = mask.device
-    lab = label_components(mask).reshape(n, hw)
-    sig = signal.reshape(n, hw).float()
-    ys = torch.arange(h, device=dev, dtype=torch.float32).repeat_interleave(w).expand(n, hw)
-    xs = torch.arange(w, device=dev, dtype=torch.float32).repeat(h).expand(n, hw)
-    wgt = sig.clamp(min=0.0)
-    ones = torch.ones_like(sig)
-    src = torch.stack([ones, sig, wgt, wgt * ys, wgt * xs, ys, xs], dim=1)  # (N, 7, HW)
-    stats = torch.zeros(n, 7, hw + 1, device=dev, dtype=torch.float32)
-    stats.scatter_add_(2, lab.unsqueeze(1).expand(n, 7, hw), src)
-    npix, inten, wsum, wy, wx, sy, sx = stats.unbind(1)  # bucket 0 is the background
-
-    weighted = wsum > 0
-    safe_w = torch.where(weighted, wsum, 1.0)
-    safe_n = npix.clamp(min=1.0)
-    y = torch.where(weighted, wy / safe_w, sy / safe_n)
-    x = torch.where(weighted, wx / safe_w, sx / safe_n)
-
-    keep = (npix >= min_pixels) & (npix <= max_pixels)
-    keep[:, 0] = False
+    mask = mask.bool()
     if valid is not None:
-        keep &= valid.to(dev).bool().reshape(n, 1)
-    kept = keep.sum(dim=1)
+        mask = mask & valid.to(dev).bool().view(n, 1, 1)
+    fg = mask.reshape(-1).nonzero().squeeze(1)
+    table = torch.zeros(n * max_peaks + 1, 4, device=dev, dtype=torch.float32)  # + 1: a discard row
+    kept = torch.zeros(n + 1, device=dev, dtype=torch.int64)
+    if fg.numel():
+        root = label_pixels(fg, n, h, w)
+        sig = signal.reshape(-1)[fg].float()
+        ys = ((fg % hw) // w).float()
+        xs = (fg % w).float()
+        wgt = sig.clamp(min=0.0)
+        src = torch.stack([torch.ones_like(sig), sig, wgt, wgt * ys, wgt * xs, ys, xs], dim=1)
+        npix, inten, wsum, wy, wx, sy, sx = torch.zeros_like(src).index_add_(0, root, src).unbind(1)
 
-    k = min(max_peaks, hw + 1)
-    key = torch.where(keep, inten, float("-inf"))
-    order = key.topk(k, dim=1, sorted=True).indices
-    table = torch.stack([y, x, inten, npix], dim=-1).gather(1, order.unsqueeze(-1).expand(n, k, 4))
-    rows = torch.arange(k, device=dev).unsqueeze(0) < kept.unsqueeze(1)
-    table = torch.where(rows.unsqueeze(-1), table, 0.0)
-    if k < max_peaks:
-        table = F.pad(table, (0, 0, 0, max_peaks - k))
+        weighted = wsum > 0
+        y = torch.where(weighted, wy / torch.where(weighted, wsum, 1.0), sy / npix.clamp(min=1.0))
+        x = torch.where(weighted, wx / torch.where(weighted, wsum, 1.0), sx / npix.clamp(min=1.0))
+        ids = torch.arange(fg.numel(), device=dev)
+        keep = (root == ids) & (npix >= min_pixels) & (npix <= max_pixels)
+        image = torch.where(keep, fg // hw, n)  # n: not a peak, sorted last
+
+        by_inten = torch.argsort(inten, descending=True, stable=True)
+        order = by_inten[torch.argsort(image[by_inten], stable=True)]  # by image, brightest first
+        kept.index_add_(0, image, torch.ones_like(image))
+        first = torch.cumsum(kept, 0) - kept
+        img = image[order]
+        rank = ids - first[img]
+        slot = torch.where((img < n) & (rank < max_peaks), img * max_peaks + rank, n * max_peaks)
+        rows = torch.stack([y, x, inten, npix], dim=1)[order]
+        table.index_copy_(0, slot, rows)
+    kept = kept[:n]
+    peaks = table[:-1].view(n, max_peaks, 4).contiguous()
     counts = kept.clamp(max=max_peaks).to(torch.int32)
     overflow = (kept - max_peaks).clamp(min=0).to(torch.int32)
-    return PeakTensors(table.contiguous(), counts, overflow)
+    return PeakTensors(peaks, counts, overflow)

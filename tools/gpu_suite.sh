@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, one stage per device call (each fits the 600 s limit):
-#   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~45+120+300 s)
+#   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~45+120+370 s)
 #   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~480 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
@@ -22,8 +22,8 @@ case ${1:-} in
   pipeline)
     nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
     step gpu_check 45 python3 -m peaknet_daemon.gpu_health
-    step gpu_tests 120 python3 -m pytest -q -m gpu tests/test_gpu_pipeline.py
-    step bench_pipeline 300 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json" ;;
+    step gpu_tests 120 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
+    step bench_pipeline 370 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json" ;;
   daemon)
     step bench_daemon 480 python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
       --compile --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
