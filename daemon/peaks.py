@@ -2,8 +2,8 @@
 
 Peak pixels are a small fraction of a detector image, so the work runs on the list of
 foreground pixels rather than on full images: one `nonzero` sizes that list (the only host
-synchronisation besides the convergence checks of the labelling, one every few iterations),
-and everything after it is proportional to the number of peak pixels. The only tensors that
+wait besides the convergence check of the labelling, usually one per batch), and everything
+after it is proportional to the number of peak pixels. The only tensors that
 leave the device are the fixed-size `PeakTensors` (a few KB per panel), never the mask, the
 labels or the per-pixel signal.
 """
@@ -73,11 +73,12 @@ def label_pixels(fg: torch.Tensor, n: int, h: int, w: int, check_every: int = 4,
     """
     src, dst = _edges(fg, n, h, w)
     lab = torch.arange(fg.numel(), device=fg.device)
-    while True:
-        before = lab
-        for _ in range(check_every):
+    while True:  # rounds of check_every iterations, the last one checked (one host wait per round)
+        for _ in range(check_every - 1):
             lab = _hook_and_jump(lab, src, dst, jumps)
-        if torch.equal(lab, before):  # labels never grow, so no change means a fixed point
+        before = lab
+        lab = _hook_and_jump(lab, src, dst, jumps)
+        if torch.equal(lab, before):  # the update is deterministic: no change means a fixed point
             return lab
 
 

@@ -1,10 +1,13 @@
 """The N-way buffered batch pipeline: pinned host slots -> H2D -> finder + extraction -> D2H.
 
 One `Pipeline` owns `buffers` slots allocated once (pinning per batch exhausts pinned memory and
-costs more than the copy). On CUDA, H2D, compute and D2H run on three streams ordered by events,
-so while batch k computes, batch k+1 uploads and batch k-1's compact peaks download; the host
-only ever waits for the D2H event of the batch it collects, never for the whole device. On the
-CPU the very same code runs synchronously, with no pinning and no streams.
+costs more than the copy). On CUDA, H2D, detection (the finder's pass), extraction and D2H run
+on four streams ordered by events, so while batch k computes, batch k+1 uploads and batch k-1's
+compact peaks download. Extraction waits on the host for its own stream a few times per batch
+(sizes and convergence checks), so the launcher enqueues the detection of batch k+1 before it
+walks the extraction of batch k: the net keeps the device busy while the host does that. The
+host never waits for the whole device. On the CPU the very same code runs synchronously, with
+no pinning and no streams.
 
 Threading: `acquire` + `submit` come from one batching thread, `collect` from a result thread.
 """
@@ -26,7 +29,7 @@ import torch
 
 from .config import Config, load_config, with_overrides
 from .model import build_finder
-from .peaks import extract_peaks
+from .peaks import PeakTensors, extract_peaks
 from .results import BatchResult, FramePeaks, split_frames
 
 TORCH_DTYPES = {"uint16": torch.uint16, "int16": torch.int16, "int32": torch.int32,
@@ -56,11 +59,18 @@ def stage(name: str, cuda: bool) -> Iterator[None]:
             torch.cuda.nvtx.range_pop()
 
 
-def compute_batch(finder: torch.nn.Module, raw: torch.Tensor, valid: torch.Tensor, max_peaks: int) -> Any:
+def compute_batch(finder: torch.nn.Module, raw: torch.Tensor, valid: torch.Tensor, max_peaks: int) -> PeakTensors:
     """Raw (B,P,H,W) frames on the device -> PeakTensors for the B*P panel images.
 
-    The conversion to float32 happens here, on the device, so the H2D moves the raw dtype.
     The finder always sees the full static batch; `valid` (B*P,) bool marks the real images.
+    """
+    return extract_batch(finder, detect_batch(finder, raw, valid, max_peaks), valid, max_peaks)
+
+
+def detect_batch(finder: torch.nn.Module, raw: torch.Tensor, valid: torch.Tensor, max_peaks: int) -> tuple:
+    """The finder's pass: (mask, signal) of the B*P panel images, all enqueued, no host wait.
+
+    The conversion to float32 happens here, on the device, so the H2D moves the raw dtype.
     A finder with a `find_peaks(images, valid, max_peaks)` method returns PeakTensors itself
     (the benchmarks' no-op finder, which must not pay for extraction).
     """
@@ -69,7 +79,14 @@ def compute_batch(finder: torch.nn.Module, raw: torch.Tensor, valid: torch.Tenso
     direct = getattr(finder, "find_peaks", None)
     if direct is not None:
         return direct(images, valid, max_peaks)
-    mask, signal = finder(images)
+    return finder(images)
+
+
+def extract_batch(finder: torch.nn.Module, detected: tuple, valid: torch.Tensor, max_peaks: int) -> PeakTensors:
+    """`detect_batch`'s (mask, signal) -> PeakTensors (waits on the host for the current stream)."""
+    if isinstance(detected, PeakTensors):
+        return detected
+    mask, signal = detected
     return extract_peaks(mask, signal, max_peaks, finder.min_pixels, finder.max_pixels, valid=valid)
 
 
@@ -94,6 +111,7 @@ class Slot:
         self.out_np = tuple(t.numpy() for t in out)
         # Only d2h_done is waited on by the host: blocking sync yields the core instead of spinning.
         self.h2d_done = torch.cuda.Event() if cuda else None
+        self.detect_done = torch.cuda.Event() if cuda else None
         self.compute_done = torch.cuda.Event() if cuda else None
         self.d2h_done = torch.cuda.Event(blocking=True) if cuda else None
         self.used = False  # compute_done has been recorded at least once
@@ -111,14 +129,17 @@ class _InFlight:
     keep: tuple = field(default=())  # device results referenced until their D2H is done
 
 
+_NOTHING_QUEUED = object()
+
+
 class Pipeline:
     """N-way buffered peak finding over pinned slots (see module docstring).
 
     On CUDA, `submit` enqueues the H2D on the caller's thread and hands the batch to a launcher
-    thread that enqueues compute and D2H. Peak extraction checks convergence on the host a few
-    times per batch; on the launcher thread those waits no longer hold back the next batch's
-    upload, which is what lets H2D of k+1 overlap compute of k. On the CPU the launch runs
-    inline in `submit`, so everything is synchronous.
+    thread that enqueues detection, extraction and D2H. Extraction waits on the host for its own
+    stream a few times per batch; on the launcher thread those waits never hold back an upload,
+    and the next batch's detection is enqueued before them when that batch is already there.
+    On the CPU the launch runs inline in `submit`, so everything is synchronous.
     """
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None,
@@ -143,8 +164,10 @@ class Pipeline:
         self._inflight: deque[_InFlight] = deque()
         self._closed = False
         with self._on_device():
-            self._streams = ((torch.cuda.Stream(self.device), torch.cuda.Stream(self.device),
-                              torch.cuda.Stream(self.device)) if self.cuda else (None, None, None))
+            # h2d, detect, extract, d2h. Extraction's many small kernels get the higher priority,
+            # so they run as soon as SMs free up instead of queueing behind the next batch's net.
+            self._streams = (tuple(torch.cuda.Stream(self.device, priority=-1 if i == 2 else 0) for i in range(4))
+                             if self.cuda else (None, None, None, None))
             self._img_index = torch.arange(n_img, device=self.device)
             self.slots: list[Slot] = [self._make_slot(i, n_img) for i in range(pc.buffers)]
             if self.cuda:
@@ -232,40 +255,85 @@ class Pipeline:
             slot.h2d_done.record(h2d)
 
     def _launch_loop(self) -> None:
-        while (entry := self._launch_q.get()) is not None:
-            self._launch(entry)
+        """Detection of each batch as it comes; the previous batch's extraction right after it
+        (overlapping on the device), or at once when no next batch is waiting."""
+        pending: Optional[tuple] = None
+        while True:
+            try:
+                entry = self._launch_q.get_nowait() if pending is not None else self._launch_q.get()
+            except queue.Empty:
+                entry = _NOTHING_QUEUED
+            if isinstance(entry, _InFlight):
+                detected = self._detect(entry)
+                if pending is not None:
+                    self._extract(*pending)
+                pending = detected
+                continue
+            if pending is not None:
+                self._extract(*pending)
+                pending = None
+            if entry is None:
+                return
 
     def _launch(self, entry: _InFlight) -> None:
-        """Enqueue compute (after the H2D event) and the D2H of the compact peaks."""
-        slot, n = entry.slot, entry.n
-        _, comp, d2h = self._streams
+        """Detection, extraction and the D2H of the compact peaks, enqueued in one go."""
+        detected = self._detect(entry)
+        if detected is not None:
+            self._extract(*detected)
+
+    def _detect(self, entry: _InFlight) -> Optional[tuple]:
+        """Enqueue the finder's pass (after the H2D event); None when the launch failed."""
+        slot, comp = entry.slot, self._streams[1]
+        try:
+            with self._on_device(), torch.inference_mode(), stage("detect", self.cuda), self._on(comp):
+                if self.cuda:
+                    comp.wait_event(slot.h2d_done)
+                valid = self._img_index < entry.n * self.frame_shape[0]
+                detected = detect_batch(self.finder, slot.dev_in, valid, self.max_peaks)
+                if self.cuda:
+                    slot.detect_done.record(comp)
+            return entry, detected, valid
+        except BaseException as exc:
+            self._launch_failed(entry, exc)
+            return None
+
+    def _extract(self, entry: _InFlight, detected: tuple, valid: torch.Tensor) -> None:
+        """Enqueue extraction (after the detection event) and the D2H of the compact peaks."""
+        slot = entry.slot
+        _, _, ext, d2h = self._streams
         try:
             with self._on_device(), torch.inference_mode():
-                with stage("compute", self.cuda), self._on(comp):
+                with stage("extract", self.cuda), self._on(ext):
                     if self.cuda:
-                        comp.wait_event(slot.h2d_done)
-                    valid = self._img_index < n * self.frame_shape[0]
-                    pt = compute_batch(self.finder, slot.dev_in, valid, self.max_peaks)
+                        ext.wait_event(slot.detect_done)
+                        for t in (*detected, valid):
+                            t.record_stream(ext)  # allocated on detect, read on extract
+                    pt = extract_batch(self.finder, detected, valid, self.max_peaks)
                     if self.cuda:
-                        slot.compute_done.record(comp)
+                        slot.compute_done.record(ext)
                         slot.used = True
                 with stage("d2h", self.cuda), self._on(d2h):
                     if self.cuda:
                         d2h.wait_event(slot.compute_done)
-                        for t in (pt.peaks, pt.counts, pt.overflow):
-                            t.record_stream(d2h)  # allocated on compute, read on d2h
+                        for t in pt:
+                            t.record_stream(d2h)  # allocated on extract, read on d2h
                     slot.out_peaks.copy_(pt.peaks, non_blocking=self.cuda)
                     slot.out_counts.copy_(pt.counts, non_blocking=self.cuda)
                     slot.out_overflow.copy_(pt.overflow, non_blocking=self.cuda)
                     if self.cuda:
                         slot.d2h_done.record(d2h)
-                        entry.keep = (pt.peaks, pt.counts, pt.overflow, valid)
-        except BaseException as exc:  # surfaced to the result thread by collect
-            entry.error = exc
-            if self.cuda:  # kernels already queued may still read the slot: let them finish first
-                torch.cuda.synchronize(self.device)
-        finally:
+                        entry.keep = (*pt, valid)
             entry.launched.set()
+        except BaseException as exc:
+            self._launch_failed(entry, exc)
+
+    def _launch_failed(self, entry: _InFlight, exc: BaseException) -> None:
+        """Surface the error to the result thread (collect raises it) once nothing queued on the
+        device can still read the slot."""
+        entry.error = exc
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        entry.launched.set()
 
     # ------------------------------------------------------------------ result thread side
     def collect(self, block: bool = True, timeout: float | None = None,

@@ -26,12 +26,24 @@ def make_cfg(preset: str, buffers: int = 2, batch: int = 3, **pipeline):
     })
 
 
-def assert_same_peaks(got, ref):
-    """Counts, panels and sizes exact; float sums within rounding (CUDA scatter_add uses atomics,
-    so the order of a component's summation, hence the last bits, may differ run to run)."""
+def assert_same_peaks(got, ref, exact: bool = True):
+    """Counts, panels and sizes exact; float sums within rounding (CUDA index_add uses atomics,
+    so the order of a component's summation, hence the last bits, may differ run to run).
+
+    bf16 convolutions are not reproducible run to run on the H200 (seen there: the same inputs
+    through the same net twice, 3 of 256 large components of a random net differed by up to
+    3 boundary pixels, which can also reorder near-equal intensities). With exact=False, each
+    peak must have a partner in the same panel within 1 px, for at least 98% of the peaks.
+    Counts per frame stay exact."""
     assert len(got) == len(ref)
     for k, (a, b) in enumerate(zip(got, ref)):
         assert (a.n_peaks, a.overflow) == (b.n_peaks, b.overflow), f"frame {k}"
+        if not exact:
+            for x, y in ((a, b), (b, a)):
+                near = [(np.hypot(x.y[i] - y.y, x.x[i] - y.x)[y.panel == x.panel[i]].min(initial=9.0) <= 1.0)
+                        for i in range(x.n_peaks)]
+                assert sum(near) >= 0.98 * x.n_peaks, f"frame {k}: {x.n_peaks - sum(near)} peaks unmatched"
+            continue
         np.testing.assert_array_equal(a.panel, b.panel, err_msg=f"frame {k}")
         np.testing.assert_array_equal(a.npix, b.npix, err_msg=f"frame {k}")
         for col in ("y", "x", "intensity"):
@@ -47,7 +59,7 @@ def test_gpu_pipeline_matches_sequential(preset, extra, buffers):
     dev = torch.device("cuda")
     torch.manual_seed(0)
     finder = build_finder(cfg.model, cfg.pipeline, dev)
-    frames = synthetic_frames(7, SHAPE, seed=2)
+    frames = synthetic_frames(20, SHAPE, seed=2)  # 7 batches, the last one partial
     results = []
     with Pipeline(cfg, device=dev, finder=finder) as pipe:
         assert pipe.device.type == "cuda" and pipe.pinned_bytes > 0
@@ -55,8 +67,8 @@ def test_gpu_pipeline_matches_sequential(preset, extra, buffers):
         # The reference runs under the same cuDNN settings (the pipeline turns on cudnn.benchmark,
         # which picks the conv algorithms, hence the last bits of bf16 logits, per shape).
         ref = run_sequential(cfg, list(frames), finder=finder, device=dev)
-        for i in range(0, 7, 3):
-            n = min(3, 7 - i)
+        for i in range(0, 20, 3):
+            n = min(3, 20 - i)
             if pipe.in_flight() == buffers:  # one thread here: collect before a slot can be reused
                 results.extend(pipe.collect(timeout=10.0))
             slot = pipe.acquire(timeout=10.0)
@@ -65,10 +77,10 @@ def test_gpu_pipeline_matches_sequential(preset, extra, buffers):
             pipe.submit(slot, n, list(range(i, i + n)))
             results.extend(pipe.collect(block=False))
         results.extend(pipe.drain())
-    assert [t for r in results for t in r.tags] == list(range(7))
+    assert [t for r in results for t in r.tags] == list(range(20))
     assert all(r.padded_peaks == 0 for r in results)
-    assert sum(f.n_peaks for f in ref) > 7
-    assert_same_peaks([f for r in results for f in r.frames], ref)
+    assert sum(f.n_peaks for f in ref) > 20
+    assert_same_peaks([f for r in results for f in r.frames], ref, exact=extra.get("precision") != "bf16")
 
 
 def test_gpu_noop_pipeline_reaches_pinned_h2d_bandwidth():

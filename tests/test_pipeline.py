@@ -225,5 +225,5 @@ def test_profile_experiments_runs_on_cpu(tmp_path):
     assert [r["buffers"] for r in rows] == [2, 3]
     for r in rows:
         assert r["frames_per_s"] > 0 and Path(r["trace"]).stat().st_size > 0
-        assert "compute" in Path(r["summary"]).read_text()  # the stage labels reach the profiler
+        assert "extract" in Path(r["summary"]).read_text()  # the stage labels reach the profiler
     assert "three-slots" in (out / "summary.txt").read_text()

@@ -34,9 +34,10 @@ from daemon_process import free_port, wait_ready
 
 def model_section(model: str, checkpoint: str) -> dict:
     """'auto': the shipped weights (and their threshold) for peaknet-atto, random weights for
-    peaknet-small (none are shipped); extraction cost depends on what the net marks."""
+    peaknet-small (none are shipped) at threshold 0.75, where a random net marks no pixel (at
+    0.5 it marks ~37% of them); extraction cost depends on what the net marks."""
     if checkpoint == "auto":
-        return {"preset": model, "checkpoint": "default", "threshold": 0.75} if model == "peaknet-atto" else {"preset": model}
+        return {"preset": model, "checkpoint": "default" if model == "peaknet-atto" else "", "threshold": 0.75}
     return {"preset": model, "checkpoint": "" if model == "classical" else checkpoint}
 
 

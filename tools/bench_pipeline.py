@@ -161,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("(b) pipeline: pinned host -> host peak lists", b["frames_per_s"]),
                  ("(c) naive: batch 1, pageable, sync, eager fp32", c)]
         ba, bc = b["frames_per_s"] / a["finder_extract_fps"], b["frames_per_s"] / c
+        bnet = b["frames_per_s"] / a["net_fps"] if "net_fps" in a else float("nan")
         print(f"== {describe(cfg, device)}")
         print(table(cfg, rows))
-        print(f"  (b)/(a) = {ba:.3f}   (b)/(c) = {bc:.2f}   pipeline latency p50 {b['latency_ms_p50']:.2f} ms, "
+        print(f"  (b)/(a) = {ba:.3f}   (b)/(c) = {bc:.2f}"
+              + (f"   (b)/(bare net) = {bnet:.3f}" if bnet == bnet else "")
+              + f"   pipeline latency p50 {b['latency_ms_p50']:.2f} ms, "
               f"p99 {b['latency_ms_p99']:.2f} ms, pinned {b['pinned_bytes'] / 2**20:.1f} MiB")
         report["models"][model] = {"config": describe(cfg, device), "model_only": a, "pipeline": b,
-                                   "naive_fps": c, "b_over_a": ba, "b_over_c": bc}
+                                   "naive_fps": c, "b_over_a": ba, "b_over_c": bc, "b_over_net": bnet}
+        if args.json:  # after every model, so a timeout keeps what was measured
+            Path(args.json).write_text(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, one stage per device call (each fits the 600 s limit):
-#   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~45+120+370 s)
-#   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~480 s)
+#   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~30+40+120 s)
+#   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~250 s)
+#   tools/gpu_suite.sh all        # both of the above in one call (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -18,17 +19,22 @@ step() {  # name, limit in s, command...: output to the terminal and $OUT/name.t
   timeout -k 15 "$limit" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
   tail -n 40 "$OUT/$name.txt"; echo "=== $name rc=$rc"
 }
+pipeline_steps() {
+  nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
+  step gpu_check 30 python3 -m peaknet_daemon.gpu_health
+  step gpu_tests 100 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
+  step bench_pipeline 200 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json"
+}
+daemon_steps() {
+  step bench_daemon "${1:-480}" python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
+    --compile --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
+    --json "$OUT/bench_daemon.json"
+}
 case ${1:-} in
-  pipeline)
-    nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
-    step gpu_check 45 python3 -m peaknet_daemon.gpu_health
-    step gpu_tests 120 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
-    step bench_pipeline 370 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json" ;;
-  daemon)
-    step bench_daemon 480 python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
-      --compile --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
-      --json "$OUT/bench_daemon.json" ;;
+  pipeline) pipeline_steps ;;
+  daemon) daemon_steps ;;
+  all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  *) echo "usage: $0 pipeline|daemon|train" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|daemon|all|train" >&2; exit 2 ;;
 esac
