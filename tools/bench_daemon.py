@@ -51,7 +51,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
                      "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
-                     "compile_mode": "default", "device": "auto"},
+                     "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, len(ports) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
         "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay-ms", type=float, default=20)
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
     p.add_argument("--compile", action="store_true", default=False)
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode, with --compile")
     p.add_argument("--checkpoint", default="auto", help="auto | '' (random weights) | a file")
     p.add_argument("--frames", type=int, default=3000 if gpu else 300)
     p.add_argument("--warmup", type=int, default=64 if gpu else 16)

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", default="", help="fp32|bf16|fp16 (default: config's on GPU, fp32 on CPU)")
     ap.add_argument("--compile", choices=["on", "off", ""], default="", help="default: config's on GPU, off on CPU")
     ap.add_argument("--channels-last", choices=["on", "off", ""], default="", help="default: as --compile")
+    ap.add_argument("--compile-mode", default="", help="torch.compile mode (default: config's)")
     ap.add_argument("--seconds", type=float, default=0.0, help="per measurement (default 5 GPU, 1.5 CPU)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (default: torch's on GPU, 1 on CPU, where OpenMP spin-waits "
@@ -72,6 +73,8 @@ def bench_config(model: str, args: argparse.Namespace, device: torch.device) -> 
         ov["pipeline.precision"] = args.precision or "fp32"
     if args.compile or cpu:
         ov["pipeline.compile"] = args.compile == "on"
+    if args.compile_mode:
+        ov["pipeline.compile_mode"] = args.compile_mode
     if args.channels_last or cpu:  # channels_last is slower for these nets on the CPU
         ov["pipeline.channels_last"] = args.channels_last == "on"
     return with_overrides(cfg, ov)
@@ -117,7 +120,8 @@ def bench_h2d(cfg: Config, device: torch.device, seconds: float) -> dict:
 def describe(cfg: Config, device: torch.device) -> str:
     pc = cfg.pipeline
     return (f"{cfg.model.preset} on {device}: frame {'x'.join(map(str, pc.frame_shape))} {pc.dtype}, "
-            f"batch {pc.batch_size} frames, buffers {pc.buffers}, {pc.precision}, compile={pc.compile}, "
+            f"batch {pc.batch_size} frames, buffers {pc.buffers}, {pc.precision}, compile={pc.compile}"
+            f"{' (' + pc.compile_mode + ')' if pc.compile else ''}, "
             f"channels_last={pc.channels_last}")
 
 
