@@ -34,12 +34,10 @@ case ${1:-} in
   pipeline) pipeline_steps ;;
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
-  graphs)  # peaknet-atto with CUDA graphs (torch.compile mode reduce-overhead): pipeline and daemon
-    step bench_pipeline_graphs 150 python3 tools/bench_pipeline.py --models peaknet-atto --compile-mode reduce-overhead \
-      --seconds 3 --json "$OUT/bench_pipeline_graphs.json"
-    step bench_daemon_graphs 240 python3 tools/bench_daemon.py --models peaknet-atto --producers 1,2,4 --compile \
-      --compile-mode reduce-overhead --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
-      --json "$OUT/bench_daemon_graphs.json" ;;
+  graphs)  # CUDA graphs (torch.compile mode reduce-overhead): GPU tests, then the pipeline table
+    step gpu_tests 200 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
+    step bench_pipeline_graphs 200 python3 tools/bench_pipeline.py --compile-mode reduce-overhead \
+      --seconds 3 --json "$OUT/bench_pipeline_graphs.json" ;;
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
   *) echo "usage: $0 pipeline|daemon|all|graphs|train" >&2; exit 2 ;;
