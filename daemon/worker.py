@@ -94,14 +94,16 @@ class Worker:
                  incarnation=self.incarnation)
 
     # ------------------------------------------------------------------ setup
-    def _warm_up(self) -> None:
-        """One batch through the pipeline before any frame arrives: torch.compile, cuDNN and
-        the caching allocator do their first-call work here, not on the first real batch."""
+    def _warm_up(self, batches: int = 3) -> None:
+        """A few batches through the pipeline before any frame arrives: torch.compile, cuDNN,
+        CUDA graph recording (compile_mode reduce-overhead records on the calls after the
+        first) and the caching allocator do their first-call work here, not on real frames."""
         t0 = time.perf_counter()
-        slot = self.pipeline.acquire()
-        slot.frames[:] = 0
-        self.pipeline.submit(slot, 1, [None])
-        self.pipeline.drain()
+        for _ in range(batches):
+            slot = self.pipeline.acquire()
+            slot.frames[:] = 0
+            self.pipeline.submit(slot, 1, [None])
+            self.pipeline.drain()
         log.info("pipeline_warm", worker=self.name, seconds=round(time.perf_counter() - t0, 2))
 
     def _results_cfg(self) -> OutputConfig:

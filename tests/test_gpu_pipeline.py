@@ -31,8 +31,9 @@ def assert_same_peaks(got, ref, exact: bool = True):
     so the order of a component's summation, hence the last bits, may differ run to run).
 
     bf16 convolutions are not reproducible run to run on the H200 (seen there: the same inputs
-    through the same net twice, 3 of 256 large components of a random net differed by up to
-    3 boundary pixels, which can also reorder near-equal intensities). With exact=False, each
+    through the same net in two runs, 3 of 256 large components of a random net differed by up
+    to 3 boundary pixels, which can also reorder near-equal intensities; cuDNN picks its
+    algorithms by timing them). With exact=False, each
     peak must have a partner in the same panel within 1 px, for at least 98% of the peaks.
     Counts per frame stay exact."""
     assert len(got) == len(ref)

@@ -22,23 +22,19 @@ step() {  # name, limit in s, command...: output to the terminal and $OUT/name.t
 pipeline_steps() {
   nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
   step gpu_check 30 python3 -m peaknet_daemon.gpu_health
-  step gpu_tests 100 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
+  step gpu_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
   step bench_pipeline 200 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json"
 }
 daemon_steps() {
   step bench_daemon "${1:-480}" python3 tools/bench_daemon.py --models peaknet-atto,peaknet-small --producers 1,2,4 \
-    --compile --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
+    --compile --compile-mode reduce-overhead --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
     --json "$OUT/bench_daemon.json"
 }
 case ${1:-} in
   pipeline) pipeline_steps ;;
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
-  graphs)  # CUDA graphs (torch.compile mode reduce-overhead): GPU tests, then the pipeline table
-    step gpu_tests 200 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
-    step bench_pipeline_graphs 200 python3 tools/bench_pipeline.py --compile-mode reduce-overhead \
-      --seconds 3 --json "$OUT/bench_pipeline_graphs.json" ;;
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  *) echo "usage: $0 pipeline|daemon|all|graphs|train" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|daemon|all|train" >&2; exit 2 ;;
 esac
