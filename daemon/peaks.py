@@ -123,8 +123,9 @@ def extract_peaks(mask: torch.Tensor, signal: torch.Tensor, max_peaks: int, min_
         npix, inten, wsum, wy, wx, sy, sx = torch.zeros_like(src).index_add_(0, root, src).unbind(1)
 
         weighted = wsum > 0
-        y = torch.where(weighted, wy / torch.where(weighted, wsum, 1.0), sy / npix.clamp(min=1.0))
-        x = torch.where(weighted, wx / torch.where(weighted, wsum, 1.0), sx / npix.clamp(min=1.0))
+        safe_w, safe_n = torch.where(weighted, wsum, 1.0), npix.clamp(min=1.0)
+        y = torch.where(weighted, wy / safe_w, sy / safe_n)
+        x = torch.where(weighted, wx / safe_w, sx / safe_n)
         ids = torch.arange(fg.numel(), device=dev)
         keep = (root == ids) & (npix >= min_pixels) & (npix <= max_pixels)
         image = torch.where(keep, fg // hw, n)  # n: not a peak, sorted last

@@ -129,9 +129,6 @@ class _InFlight:
     keep: tuple = field(default=())  # device results referenced until their D2H is done
 
 
-_NOTHING_QUEUED = object()
-
-
 class Pipeline:
     """N-way buffered peak finding over pinned slots (see module docstring).
 
@@ -259,21 +256,23 @@ class Pipeline:
         (overlapping on the device), or at once when no next batch is waiting."""
         pending: Optional[tuple] = None
         while True:
-            try:
-                entry = self._launch_q.get_nowait() if pending is not None else self._launch_q.get()
-            except queue.Empty:
-                entry = _NOTHING_QUEUED
-            if isinstance(entry, _InFlight):
-                detected = self._detect(entry)
+            if pending is None:
+                entry = self._launch_q.get()
+            else:
+                try:
+                    entry = self._launch_q.get_nowait()
+                except queue.Empty:
+                    self._extract(*pending)
+                    pending = None
+                    continue
+            if entry is None:
                 if pending is not None:
                     self._extract(*pending)
-                pending = detected
-                continue
+                return
+            detected = self._detect(entry)
             if pending is not None:
                 self._extract(*pending)
-                pending = None
-            if entry is None:
-                return
+            pending = detected
 
     def _launch(self, entry: _InFlight) -> None:
         """Detection, extraction and the D2H of the compact peaks, enqueued in one go."""
