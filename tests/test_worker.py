@@ -110,16 +110,21 @@ def cxi_events(cxi_dir: Path) -> dict[int, int]:
     return events
 
 
+def send_all_and_stop(worker: Worker, pusher: Pusher, frames, results) -> tuple[list[dict], dict]:
+    """Push every frame, wait for its N results, stop the worker: (results, final stats)."""
+    try:
+        pusher.send(frames)
+        got = results.wait_count(N, timeout=60)
+        return got, worker.stop()
+    finally:
+        pusher.close()
+
+
 def test_every_frame_gives_a_result_and_a_cxi_event(tmp_path, frames, results):
     cfg = worker_config(tmp_path, results.endpoint)
     worker = Worker(cfg)
     pusher = Pusher(worker.endpoints[0])
-    try:
-        pusher.send(frames)
-        got = results.wait_count(N, timeout=60)
-        final = worker.stop()
-    finally:
-        pusher.close()
+    got, final = send_all_and_stop(worker, pusher, frames, results)
 
     assert len(got) == N
     assert sorted(r["seq"] for r in got) == list(range(N))
@@ -192,12 +197,7 @@ def test_stop_returns_cleanly_while_the_disk_is_still_full(tmp_path, frames, res
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
-    try:
-        pusher.send(frames)
-        got = results.wait_count(N, timeout=60)
-        final = worker.stop()
-    finally:
-        pusher.close()
+    got, final = send_all_and_stop(worker, pusher, frames, results)
 
     assert sorted(r["seq"] for r in got) == list(range(N))
     assert final["received"] == final["processed"] == N and final["rejected"] == {}

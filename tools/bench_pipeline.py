@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {describe(cfg, device)}")
         print(table(cfg, rows))
         print(f"  (b)/(a) = {ba:.3f}   (b)/(c) = {bc:.2f}"
-              + (f"   (b)/(bare net) = {bnet:.3f}" if bnet == bnet else "")
+              + (f"   (b)/(bare net) = {bnet:.3f}" if "net_fps" in a else "")
               + f"   pipeline latency p50 {b['latency_ms_p50']:.2f} ms, "
               f"p99 {b['latency_ms_p99']:.2f} ms, pinned {b['pinned_bytes'] / 2**20:.1f} MiB")
         report["models"][model] = {"config": describe(cfg, device), "model_only": a, "pipeline": b,

@@ -74,25 +74,25 @@ class ResultStream:
                 return self._send_pub(msg)
             return self._send_push(msg)
 
+    def _try_send(self, sock: zmq.Socket, msg: bytes) -> bool:
+        """One non-blocking send; False when the socket is at its HWM."""
+        try:
+            sock.send(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.sent += 1
+        return True
+
     def _send_push(self, msg: bytes) -> bool:
         sock = self._sock
         assert sock is not None
-        try:
-            sock.send(msg, zmq.NOBLOCK)
-            self.sent += 1
+        if self._try_send(sock, msg):
             return True
-        except zmq.Again:
-            pass
         start = last_warn = self._clock()
         try:
             while not self._closing.is_set():
-                if sock.poll(self._poll_ms, zmq.POLLOUT):
-                    try:
-                        sock.send(msg, zmq.NOBLOCK)
-                        self.sent += 1
-                        return True
-                    except zmq.Again:
-                        continue
+                if sock.poll(self._poll_ms, zmq.POLLOUT) and self._try_send(sock, msg):
+                    return True
                 now = self._clock()
                 if now - last_warn >= self._warn_interval_s:
                     last_warn = now
@@ -110,13 +110,10 @@ class ResultStream:
         if not self._subscriptions:
             self._drop("no_subscriber")
             return False
-        try:
-            sock.send(msg, zmq.NOBLOCK)
-            self.sent += 1
+        if self._try_send(sock, msg):
             return True
-        except zmq.Again:
-            self._drop("hwm")
-            return False
+        self._drop("hwm")
+        return False
 
     def _read_subscriptions(self, sock: zmq.Socket) -> None:
         """XPUB hands us (un)subscribe messages: b'\\x01topic' / b'\\x00topic'."""
