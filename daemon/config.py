@@ -51,6 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "peaknet-small": {"kind": "peaknet", "dims": [96, 192, 384, 768], "depths": [3, 3, 9, 3],
                       "bifpn_blocks": 2, "bifpn_features": 256, "num_classes": 2},
     "classical": {"kind": "classical"},
+    # Finds nothing at no cost: measures ingest, transfers and the pipeline alone (benchmarks).
+    "ingest-only": {"kind": "none"},
 }
 
 
@@ -71,8 +73,9 @@ class ClassicalConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _f("peaknet-atto", doc="peaknet-atto, peaknet-small or classical; fills the keys below")
-    kind: Literal["peaknet", "classical"] = _f("peaknet", doc="set by the preset")
+    preset: str = _f("peaknet-atto", doc="peaknet-atto, peaknet-small, classical or ingest-only (finds "
+                                         "nothing; for benchmarks); fills the keys below")
+    kind: Literal["peaknet", "classical", "none"] = _f("peaknet", doc="set by the preset")
     dims: list[int] = _f([40, 80, 160, 320], doc="ConvNeXtV2 stage widths")
     depths: list[int] = _f([2, 2, 6, 2], doc="ConvNeXtV2 blocks per stage")
     bifpn_blocks: int = _f(1, 1, 8, doc="repeated BiFPN blocks")
@@ -140,6 +143,7 @@ class IngestConfig:
     sockets: list[SocketConfig] = field(default_factory=lambda: [SocketConfig()])
     run_end_grace_s: float = _f(10.0, 0.0, doc="after 'end', wait this long for missing frames")
     reject_log_interval_s: float = _f(10.0, 0.0, doc="a rejection reason is logged once per interval")
+    processes: int = _f(0, 0, 64, doc="ingest processes per actor; 0 = one per socket, at most 4")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    stall_s: float = _f(30.0, 1.0, doc="frames waiting and no batch finished for this long is a stall: "
+                                       "/readyz 503, no WATCHDOG=1")
+    restart_grace_s: float = _f(600.0, 0.0, doc="WATCHDOG=1 continues while an actor restarts, at most this long")
+    max_thread_restarts: int = _f(10, 0, doc="a worker thread that failed more often stays dead (actor unhealthy)")
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    timeout_s: float = _f(60.0, 1.0, doc="the whole stop (drain, flush, close); keep it below systemd's "
+                                         "TimeoutStopSec")
+    drain_s: float = _f(10.0, 0.0, doc="on stop, ingest keeps taking queued messages for at most this long")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
     level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
@@ -178,6 +197,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
@@ -278,6 +299,8 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
     if not cfg.ingest.sockets:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
+    if cfg.shutdown.drain_s >= cfg.shutdown.timeout_s:
+        raise ConfigError("shutdown.drain_s", cfg.shutdown.drain_s, "must be below shutdown.timeout_s", src)
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:

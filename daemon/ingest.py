@@ -66,6 +66,9 @@ class SocketReader:
             self.socket.close(linger=0)
             raise OSError(f"cannot {sock.mode} ingest socket {endpoint}: {exc.strerror}") from None
 
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
     def run(self, stop: threading.Event, poll_ms: int = 50) -> None:
         """Receive until `stop` is set; closes the socket on the way out."""
         poller = zmq.Poller()

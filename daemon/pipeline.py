@@ -140,7 +140,12 @@ class Pipeline:
     """
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None,
-                 finder: Optional[torch.nn.Module] = None):
+                 finder: Optional[torch.nn.Module] = None, host_inputs: Optional[list[np.ndarray]] = None,
+                 spawn: Optional[Callable[..., threading.Thread]] = None):
+        """`host_inputs`: the slots' host input buffers, allocated (and pinned) by the caller,
+        e.g. batch slots in shared memory; by default the pipeline allocates `buffers` pinned
+        slots itself. `spawn(role, loop, on_failure)` starts the launcher thread (a supervised
+        one in the worker); by default a plain thread."""
         pc = cfg.pipeline
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else pc.device)
@@ -166,24 +171,35 @@ class Pipeline:
             self._streams = (tuple(torch.cuda.Stream(self.device, priority=-1 if i == 2 else 0) for i in range(4))
                              if self.cuda else (None, None, None, None))
             self._img_index = torch.arange(n_img, device=self.device)
-            self.slots: list[Slot] = [self._make_slot(i, n_img) for i in range(pc.buffers)]
+            hosts = host_inputs if host_inputs is not None else [None] * pc.buffers
+            self.slots: list[Slot] = [self._make_slot(i, n_img, h) for i, h in enumerate(hosts)]
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # buffers exist before other streams use them
         self._free.extend(self.slots)
-        self.host_bytes = sum(s.host_in.nbytes + sum(t.nbytes for t in (s.out_peaks, s.out_counts, s.out_overflow))
-                              for s in self.slots)
-        self.pinned_bytes = self.host_bytes if self.cuda else 0
+        out_bytes = sum(sum(t.nbytes for t in (s.out_peaks, s.out_counts, s.out_overflow)) for s in self.slots)
+        in_bytes = sum(s.host_in.nbytes for s in self.slots)
+        self.host_bytes = in_bytes + out_bytes
+        self.pinned_bytes = (out_bytes + (in_bytes if host_inputs is None else 0)) if self.cuda else 0
         self._launch_q: "queue.SimpleQueue[Optional[_InFlight]]" = queue.SimpleQueue()
+        self._launch_held: list[_InFlight] = []  # entries the launcher has taken and not launched
         self._launcher: Optional[threading.Thread] = None
         if self.cuda:
-            self._launcher = threading.Thread(target=self._launch_loop, name="pipeline-launch", daemon=True)
-            self._launcher.start()
+            if spawn is None:
+                self._launcher = threading.Thread(target=self._launch_loop, name="pipeline-launch", daemon=True)
+                self._launcher.start()
+            else:
+                self._launcher = spawn("launcher", self._launch_loop, self._launcher_failed)
 
-    def _make_slot(self, i: int, n_img: int) -> Slot:
+    def _make_slot(self, i: int, n_img: int, host: Optional[np.ndarray] = None) -> Slot:
         shape = (self.batch_size, *self.frame_shape)
         pin = self.cuda  # pin_memory raises without CUDA
-        host_in = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
-        host_in.zero_()
+        if host is None:
+            host_in = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
+            host_in.zero_()
+        else:
+            if tuple(host.shape) != shape:
+                raise ValueError(f"host input of shape {host.shape}, expected {shape}")
+            host_in = torch.from_numpy(host)
         dev_in = torch.zeros(shape, dtype=self.dtype, device=self.device) if self.cuda else host_in
         out = (torch.zeros((n_img, self.max_peaks, 4), dtype=torch.float32, pin_memory=pin),
                torch.zeros((n_img,), dtype=torch.int32, pin_memory=pin),
@@ -255,6 +271,7 @@ class Pipeline:
         """Detection of each batch as it comes; the previous batch's extraction right after it
         (overlapping on the device), or at once when no next batch is waiting."""
         pending: Optional[tuple] = None
+        held = self._launch_held
         while True:
             if pending is None:
                 entry = self._launch_q.get()
@@ -263,16 +280,29 @@ class Pipeline:
                     entry = self._launch_q.get_nowait()
                 except queue.Empty:
                     self._extract(*pending)
+                    held.clear()
                     pending = None
                     continue
             if entry is None:
                 if pending is not None:
                     self._extract(*pending)
+                held.clear()
                 return
+            held.append(entry)
             detected = self._detect(entry)
             if pending is not None:
                 self._extract(*pending)
+                held.pop(0)
             pending = detected
+            if pending is None:
+                held.remove(entry)
+
+    def _launcher_failed(self, exc: BaseException) -> None:
+        """The launcher thread died: the batches it held fail (collect raises BatchFailed)."""
+        for entry in list(self._launch_held):
+            if not entry.launched.is_set():
+                self._launch_failed(entry, exc)
+        self._launch_held.clear()
 
     def _launch(self, entry: _InFlight) -> None:
         """Detection, extraction and the D2H of the compact peaks, enqueued in one go."""
@@ -354,15 +384,21 @@ class Pipeline:
                     if not self._inflight:
                         break
                     head = self._inflight[0]
-                if block and not out:
-                    if not self._wait_done(head, deadline):
+                try:
+                    if block and not out:
+                        if not self._wait_done(head, deadline):
+                            break
+                    elif not self._is_done(head):
                         break
-                elif not self._is_done(head):
-                    break
-                if head.error is not None:
-                    self._free_head(head)
-                    raise BatchFailed(head.tags, head.error) from head.error
-                out.append(self._finish(head, keep_inputs))
+                    if head.error is None:
+                        out.append(self._finish(head, keep_inputs))
+                        continue
+                except Exception as exc:  # e.g. a CUDA error in query(): the batch fails, not the caller
+                    head.error = exc
+                if out:
+                    break  # hand back what finished; the failed batch is raised by the next call
+                self._free_head(head)
+                raise BatchFailed(head.tags, head.error) from head.error
         return out
 
     def drain(self) -> list[BatchResult]:

@@ -116,6 +116,9 @@ def build_peaknet(model_cfg: ModelConfig) -> PeakNet:
 def build_finder(model_cfg: ModelConfig, pipeline_cfg: PipelineConfig, device: torch.device) -> Finder:
     """The configured Finder on `device`, in eval mode."""
     device = torch.device(device)
+    if model_cfg.kind == "none":
+        from ..pipeline_throughput import NullFinder
+        return NullFinder().to(device).eval()
     if model_cfg.kind == "classical":
         c = model_cfg.classical
         frame_shape: Sequence[int] = pipeline_cfg.frame_shape

@@ -28,50 +28,94 @@ GEOMETRY_FILE = "peaknet-slab.geom"
 
 class CxiRunWriters:
     """See the module docstring. `on_error(exc)` is called (on the writer thread) for every
-    failed write or close: counted and logged by the caller, never raised."""
+    failed write or close: counted and logged by the caller, never raised. `spawn(role, loop,
+    on_failure)` starts the writer thread (a supervised one in the worker: a failure of the
+    loop itself is counted and the loop restarted); by default a plain thread."""
 
     def __init__(self, cfg: Config, prefix: str, on_error: Callable[[Exception], None],
-                 queue_frames: int = 32):
+                 queue_frames: int = 32, spawn: Callable[..., threading.Thread] | None = None):
         self.cfg, self.prefix, self.on_error = cfg, prefix, on_error
         self._writers: dict[Any, CxiWriter] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
-        self._thread = threading.Thread(target=self._loop, name=f"cxi-{prefix}", daemon=True)
-        self._thread.start()
+        self._current: tuple | None = None  # the item being handled (for the failure handler)
+        if spawn is None:
+            self._thread = threading.Thread(target=self._loop, name=f"cxi-{prefix}", daemon=True)
+            self._thread.start()
+        else:
+            self._thread = spawn("cxi", self._loop, self._loop_failed)
 
-    def put(self, result: dict, frame: np.ndarray | None) -> None:
-        """Queue one event (blocks while the queue is full)."""
-        self._queue.put(("write", result, frame))
+    def put(self, result: dict, frame: np.ndarray | None, poll_s: float = 0.5) -> None:
+        """Queue one event (blocks while the queue is full; raises SinkError once the writer
+        thread is gone, instead of waiting for ever)."""
+        item = ("write", result, frame)
+        while True:
+            if not self._thread.is_alive():
+                raise SinkError("cxi", "the CXI writer thread is not running")
+            try:
+                self._queue.put(item, timeout=poll_s)
+                return
+            except queue.Full:
+                continue
 
-    def close_run(self, run: Any) -> list[str]:
+    def close_run(self, run: Any, timeout: float = 60.0) -> list[str]:
         """Close `run`'s file once its queued events are written; its completed files."""
         if not self._thread.is_alive():
             return self._close(run)
-        reply: dict[str, Any] = {"done": threading.Event()}
-        self._queue.put(("close", run, reply))
-        reply["done"].wait()
+        reply: dict[str, Any] = {"done": threading.Event(), "files": []}
+        try:
+            self._queue.put(("close", run, reply), timeout=timeout)
+        except queue.Full:
+            self.on_error(TimeoutError(f"closing run {run!r}: the CXI writer is not keeping up"))
+            return []
+        if not reply["done"].wait(timeout):
+            self.on_error(TimeoutError(f"closing run {run!r} took longer than {timeout:.0f} s"))
         return reply["files"]
 
-    def close(self) -> None:
-        """Write everything queued, close every run's file, stop the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Write everything queued, close every run's file, stop the thread. False when the
+        writer did not finish within `timeout` (its files are then left as they are)."""
         if self._thread.is_alive():
-            self._queue.put(("stop", None, None))
-            self._thread.join()
+            try:
+                self._queue.put(("stop", None, None), timeout=timeout)
+            except queue.Full:
+                return False
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
         for run in list(self._writers):
             self._close(run)
+        return True
 
     def _loop(self) -> None:
         while True:
-            kind, arg, extra = self._queue.get()
+            item = self._current = self._queue.get()
+            kind, arg, extra = item
             if kind == "stop":
                 return
-            if kind == "close":
-                extra["files"] = self._close(arg)
-                extra["done"].set()
-                continue
+            self._handle(kind, arg, extra)
+            self._current = None
+
+    def _handle(self, kind: str, arg: Any, extra: Any) -> None:
+        if kind == "close":
             try:
-                self._writer(arg["run"]).write(arg, extra)
-            except Exception as exc:  # the writer thread must outlive any bad event or full disk
-                self.on_error(exc)
+                extra["files"] = self._close(arg)
+            finally:
+                extra["done"].set()
+            return
+        try:
+            self._writer(arg["run"]).write(arg, extra)
+        except Exception as exc:  # the writer thread must outlive any bad event or full disk
+            self.on_error(exc)
+
+    def _loop_failed(self, exc: BaseException) -> None:
+        """The loop itself failed: the event it held is a counted error; a waiting close returns."""
+        item, self._current = self._current, None
+        if item is None:
+            return
+        kind, _, extra = item
+        if kind == "close":
+            extra["done"].set()
+        self.on_error(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 
     def _writer(self, run: Any) -> CxiWriter:
         writer = self._writers.get(run)

@@ -1,0 +1,280 @@
+"""Ingest processes: receive, validate and copy frames into shared batch slots.
+
+Each actor runs `ingest.processes` of these, each with its share of the configured sockets,
+because one Python process tops out at ~6 GB/s of receiving and copying (DESIGN.md). A process
+polls its sockets on one thread, copies each accepted payload once into the batch slot it
+holds, and hands the slot back to the GPU process, by index, when the batch is full or
+`max_batch_delay_ms` old. Talk with the GPU process is msgpack over a pipe:
+
+    GPU process -> ingest:  ["slot", index]   a free slot to fill
+                            ["stop"]          drain the sockets' queues, then finish
+    ingest -> GPU process:  ["batch", index, n, tags]   n frames are in slot `index`
+                            ["return", index]           an unused slot, at stop
+                            ["control", event]          a start/end message
+                            ["done"]                    drained and finished
+
+Counters (frames, controls, rejections by reason, heartbeat) live in this process's row of
+the shared counters table, so they survive the process. The process exits when its parent
+dies (PR_SET_PDEATHSIG, and end-of-file on the pipe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from .config import Config, SocketConfig
+from .ingest import FrameTag, SocketReader
+from .log import RateLimitedLog, configure_logging, get_logger
+from .shm_ring import CONTROLS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, PROGRESS_NS, REJECTED0, SharedRing
+from .wire import Header
+
+log = get_logger("peaknet.ingest")
+SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
+RECV_BURST = 64  # messages taken off one socket before the others get a turn
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """One PULL socket an ingest process opens: its config and the endpoint it uses."""
+
+    cfg: SocketConfig
+    endpoint: str
+
+
+def plan_sockets(specs: list[SocketSpec], processes: int) -> list[list[SocketSpec]]:
+    """Deal sockets round-robin over min(processes, len(specs)) ingest processes."""
+    n = max(1, min(processes, len(specs)))
+    return [specs[i::n] for i in range(n)]
+
+
+def default_processes(n_sockets: int) -> int:
+    """`ingest.processes: 0`: one per socket, at most 4 (4 reached detector rates on the H200)."""
+    return max(1, min(n_sockets, 4))
+
+
+def tag_to_wire(tag: FrameTag) -> list:
+    return [tag.source, tag.seq, tag.run, tag.timestamp_ns, tag.meta, tag.received_at]
+
+
+def tag_from_wire(item: list) -> FrameTag:
+    return FrameTag(*item)
+
+
+class _Filler:
+    """Copies accepted frames into the held slot; sends full or due batches to the GPU process."""
+
+    def __init__(self, ring: SharedRing, row: int, conn: Connection, max_delay_s: float, reject_log_s: float):
+        self.ring, self.row, self.conn = ring, row, conn
+        self.counters = ring.counters[row]
+        self.max_delay_s = max_delay_s
+        self.spare: list[int] = []
+        self.slot: int | None = None
+        self.tags: list[list] = []
+        self.opened_at = 0.0
+        self._reject_log = RateLimitedLog(reject_log_s)
+        self._reason_col = {r: REJECTED0 + i for i, r in enumerate(INGEST_REASONS)}
+
+    def has_room(self) -> bool:
+        return self.slot is not None or bool(self.spare)
+
+    def send(self, msg: list) -> None:
+        self.conn.send_bytes(msgpack.packb(msg, use_bin_type=True))
+
+    def on_frame(self, frame: np.ndarray, tag: FrameTag) -> None:
+        self.counters[FRAMES] += 1
+        if self.slot is None:
+            self.slot = self.spare.pop()
+            self.opened_at = time.monotonic()
+        np.copyto(self.ring.slots[self.slot][len(self.tags)], frame, casting="no")
+        self.tags.append(tag_to_wire(tag))
+        self.counters[PROGRESS_NS] = time.monotonic_ns()
+        if len(self.tags) == self.ring.batch:
+            self.flush()
+
+    def on_control(self, header: Header) -> None:
+        self.counters[CONTROLS] += 1
+        self.send(["control", {"type": header.type, "source": header.source, "run": header.run,
+                               "count": header.count}])
+
+    def on_reject(self, reason: str, detail: str) -> None:
+        self.counters[self._reason_col[reason]] += 1
+        if self._reject_log.should_log(reason):
+            log.warning("frame_rejected", reason=reason, detail=detail, ingest=self.row,
+                        suppressed=self._reject_log.take_suppressed(reason))
+
+    def flush_due(self, now: float) -> None:
+        if self.slot is not None and now - self.opened_at >= self.max_delay_s:
+            self.flush()
+
+    def ms_until_due(self, now: float) -> int:
+        if self.slot is None:
+            return 50
+        return max(0, min(50, int((self.opened_at + self.max_delay_s - now) * 1e3) + 1))
+
+    def flush(self) -> None:
+        if self.slot is None:
+            return
+        slot, tags = self.slot, self.tags
+        self.slot, self.tags = None, []
+        self.send(["batch", slot, len(tags), tags])
+
+    def finish(self) -> None:
+        """Send the open batch, give back the spare slots, say done."""
+        self.flush()
+        for index in self.spare:
+            self.send(["return", index])
+        self.spare = []
+        self.send(["done"])
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def ingest_main(cfg: Config, row: int, specs: list[SocketSpec], ring_args: tuple, conn: Connection,
+                parent_pid: int) -> None:
+    """The body of one ingest process (see the module docstring)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the GPU process says when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(cfg.logging)
+    ring = SharedRing(*ring_args, create=False)
+    filler = _Filler(ring, row, conn, cfg.pipeline.max_batch_delay_ms / 1e3, cfg.ingest.reject_log_interval_s)
+    ctx = zmq.Context()
+    readers: list[SocketReader] = []
+    try:
+        try:
+            for spec in specs:
+                readers.append(SocketReader(ctx, spec.cfg, spec.endpoint, tuple(cfg.pipeline.frame_shape),
+                                            cfg.pipeline.dtype, filler.on_frame, filler.on_control,
+                                            filler.on_reject))
+        except OSError as exc:
+            filler.send(["error", str(exc)])
+            log.error("ingest_start_failed", ingest=row, error=str(exc))
+            return
+        filler.send(["ready"])
+        log.info("ingest_started", ingest=row, pid=os.getpid(), endpoints=[s.endpoint for s in specs])
+        _loop(filler, readers, conn, parent_pid, cfg.shutdown.drain_s)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the GPU process is gone; so are we
+    finally:
+        for r in readers:
+            r.close()
+        ctx.term()
+        ring.close()
+
+
+def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent_pid: int,
+          drain_s: float) -> None:
+    full = zmq.Poller()
+    only_conn = zmq.Poller()
+    for p in (full, only_conn):
+        p.register(conn.fileno(), zmq.POLLIN)
+    by_socket = {r.socket: r for r in readers}
+    for sock in by_socket:
+        full.register(sock, zmq.POLLIN)
+    counters = filler.counters
+    drain_until: float | None = None
+    while True:
+        now = time.monotonic()
+        counters[HEARTBEAT_NS] = time.monotonic_ns()
+        poller = full if filler.has_room() else only_conn
+        events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else 20))
+        if conn.fileno() in events:
+            while conn.poll():
+                msg = msgpack.unpackb(conn.recv_bytes(), raw=False)
+                if msg[0] == "slot":
+                    filler.spare.append(msg[1])
+                elif msg[0] == "stop" and drain_until is None:
+                    drain_until = time.monotonic() + drain_s
+        if os.getppid() != parent_pid:
+            return
+        took = 0
+        for sock, reader in by_socket.items():
+            if sock not in events:
+                continue
+            for _ in range(RECV_BURST):
+                if not filler.has_room():
+                    break
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                reader.handle(parts, time.perf_counter())
+                took += 1
+        now = time.monotonic()
+        filler.flush_due(now)
+        if drain_until is not None:
+            # Stopping: the sockets' queues are drained when a poll finds nothing to take (or the
+            # drain time is up); what was taken is handed over, then the process finishes.
+            idle = took == 0 and not any(s in events for s in by_socket)
+            if (idle and filler.has_room()) or now >= drain_until:
+                filler.finish()
+                return
+
+
+class IngestProcess:
+    """The GPU process's handle on one ingest process: start, message, stop, kill."""
+
+    def __init__(self, row: int, specs: list[SocketSpec]):
+        self.row, self.specs = row, specs
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.outstanding: set[int] = set()  # slots given and not yet returned
+        self.got = 0  # frames received from it in batches (this incarnation)
+        self.done = False  # said "done" after a stop
+        self.stopping = False
+        self.restart_at: float | None = None  # when to start it again after a crash
+        self.starts = 0
+        self.quick_deaths = 0  # crashes in a row without handing over a batch (restart back-off)
+
+    def start(self, cfg: Config, ring: SharedRing) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=ingest_main, name=f"peaknet-ingest-{self.row}", daemon=True,
+                                   args=(cfg, self.row, self.specs, ring.attach_args(), child, os.getpid()))
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self.outstanding, self.got, self.done, self.stopping = set(), 0, False, False
+        self.restart_at = None
+        self.starts += 1
+
+    def send(self, msg: list) -> None:
+        assert self.conn is not None
+        self.conn.send_bytes(msgpack.packb(msg, use_bin_type=True))
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def wants_slot(self) -> bool:
+        return self.alive() and not self.done and len(self.outstanding) < SLOTS_WANTED
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+
+    def join(self, timeout: float) -> None:
+        if self.process is not None:
+            self.process.join(timeout)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
