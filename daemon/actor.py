@@ -22,12 +22,12 @@ class PipelineActor:
     """Ray actor body: builds a `Worker` in the actor process. Ray re-runs `__init__` when the
     process dies (max_restarts), so a restarted actor reconnects and resumes by itself."""
 
-    def __init__(self, cfg: Config, index: int, ingest: bool = True):
+    def __init__(self, cfg: Config, index: int, ingest: bool = True, tally_dir: str | None = None):
         from .log import configure_logging
         configure_logging(cfg.logging)
         _limit_cpu_threads()
         from .worker import Worker
-        self.worker = Worker(cfg, index, ingest=ingest)
+        self.worker = Worker(cfg, index, ingest=ingest, tally_dir=tally_dir)
 
     def ready(self) -> dict:
         return {**self.worker.ready(), "node": ray.get_runtime_context().get_node_id()}

@@ -1,9 +1,9 @@
-"""Prometheus metrics for the daemon, fed from the actors' cumulative stats.
+"""Prometheus metrics for the daemon: a display of `Accounting.totals()` and the actors' gauges.
 
-Actors report running totals (they cannot push to the supervisor's registry); `Metrics` turns
-totals into counter increments, remembering the last total per actor. A total that goes down
-means the actor restarted with fresh counters, so the new total counts in full. The registry
-belongs to the object, so tests and several daemons in one process never share state.
+The arithmetic (totals over actor incarnations, restarts, losses, runs) belongs to
+`accounting.py`; here cumulative totals only advance counters, and per-actor stats set gauges
+and feed histograms. The registry belongs to the object, so tests and several daemons in one
+process never share state.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ log = get_logger(__name__)
 NS = "peaknet"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Cumulative scalar totals in an actor's stats dict -> the counter they feed.
+# Accounting totals -> the counter they set.
 _SCALARS = {"received": "frames_received", "processed": "frames_processed", "missing": "frames_missing",
-            "peaks": "peaks_found", "hits": "hits"}
-# Cumulative {label: n} totals -> (counter, label name).
-_LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink")}
+            "peaks": "peaks_found", "hits": "hits", "control_messages": "control_messages",
+            "restarts": "actor_restarts", "lost_in_restart": "frames_lost_in_restart"}
+# Accounting's {label: n} totals -> (counter, label name).
+_LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink"),
+             "thread_failures": ("thread_failures", "role"), "results_dropped": ("results_dropped", "reason")}
 
 
 def process_rss_bytes() -> int:
@@ -52,7 +54,6 @@ class Metrics:
         self._nvml, self._nvml_ok = nvml, None
         self._clock = clock
         self._lock = threading.Lock()
-        self._last: dict[str, dict[str, Any]] = {}   # actor -> last seen totals
         self._rate_t: float | None = None
         self._rate_processed = 0.0
         self._rate_external = False
@@ -65,16 +66,22 @@ class Metrics:
         def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
             return Gauge(f"{NS}_{name}", doc, labels, registry=r)
 
-        self.frames_received = counter("frames_received", "Frames taken off the ingest sockets")
+        self.frames_received = counter("frames_received", "Messages taken off the ingest sockets: frames and "
+                                                          "rejected messages (control messages apart)")
         self.frames_processed = counter("frames_processed", "Frames with a peak list produced")
-        self.frames_rejected = counter("frames_rejected", "Messages rejected, by reason", ["reason"])
-        self.frames_missing = counter("frames_missing", "Frames a run's end message announced but never came")
+        self.frames_rejected = counter("frames_rejected", "Messages or frames rejected, by reason", ["reason"])
+        self.frames_missing = counter("frames_missing", "Frames of settled runs that gave no result")
+        self.control_messages = counter("control_messages", "start/end messages received")
         self.peaks_found = counter("peaks_found", "Bragg peaks found")
         self.hits = counter("hits", "Frames with at least hit_threshold peaks")
         self.actor_restarts = counter("actor_restarts", "Pipeline actor restarts")
         self.frames_lost_in_restart = counter("frames_lost_in_restart",
-                                              "Frames in flight in an actor when it died (estimate)")
+                                              "Frames an actor had taken in and not finished when it died")
         self.sink_errors = counter("sink_errors", "Errors writing results, by sink", ["sink"])
+        self.thread_failures = counter("thread_failures", "Worker threads and ingest processes that failed, "
+                                                          "by role", ["role"])
+        self.results_dropped = counter("results_dropped", "Results the results stream did not send, by reason "
+                                                          "(pub: no subscriber or full; closed at stop)", ["reason"])
         self.batch_size = Histogram(f"{NS}_batch_size", "Frames per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency_seconds = Histogram(f"{NS}_latency_seconds", "Frame receive to result",
@@ -87,77 +94,46 @@ class Metrics:
         self.device_memory = gauge("device_memory_allocated_bytes", "torch device memory allocated, by actor",
                                    ["actor"])
         self.rate_fps = gauge("rate_fps", "Frames processed per second over the last stats interval")
+        self.frames_in_flight = gauge("frames_in_flight", "Frames taken in and not yet finished, by actor", ["actor"])
+        self.actor_healthy = gauge("actor_healthy", "1 while an actor's threads are alive and frames move", ["actor"])
 
     # ------------------------------------------------------------------------------------------
     # Feeding
     # ------------------------------------------------------------------------------------------
 
-    def update_from_stats(self, stats: Iterable[dict], missing_total: int | None = None,
-                          lost_in_restart_total: int | None = None, actors_alive: int | None = None) -> None:
-        """Fold one poll of the actors' stats dicts into the metrics (see the module doc).
-
-        The supervisor's own running totals, when given, are authoritative: `missing_total`
-        replaces the actors' 'missing' keys, `lost_in_restart_total` replaces the in-flight
-        estimate made here at a restart, `actors_alive` replaces counting the dicts."""
-        stats = list(stats)
+    def update(self, totals: dict, stats: Iterable[dict] = (), actors_alive: int | None = None) -> None:
+        """Display `Accounting.totals()` (counters advance to them) and one poll's per-actor
+        stats (gauges, histogram samples)."""
         with self._lock:
+            for key, name in _SCALARS.items():
+                if key in totals:
+                    self._advance(getattr(self, name), f"{name}_total", totals[key])
+            for key, (name, label) in _LABELLED.items():
+                for value, n in (totals.get(key) or {}).items():
+                    self._advance(getattr(self, name).labels(str(value)), f"{name}_total", n, {label: str(value)})
             alive = 0
             for s in stats:
+                alive += 1
                 actor = str(s.get("actor", s.get("index", "?")))
-                if s.get("alive", True):
-                    alive += 1
-                self._fold_actor(actor, s, count_missing=missing_total is None,
-                                 estimate_lost=lost_in_restart_total is None)
+                for n in s.get("batch_sizes") or ():
+                    self.batch_size.observe(n)
+                for t in s.get("latencies_s") or ():
+                    self.latency_seconds.observe(t)
+                for key, gauge in (("rss_bytes", self.rss_bytes), ("device_mem_bytes", self.device_memory),
+                                   ("in_flight", self.frames_in_flight)):
+                    if key in s:
+                        gauge.labels(actor).set(s[key])
+                if "health" in s:
+                    self.actor_healthy.labels(actor).set(1 if s["health"].get("healthy") else 0)
             self.actors_alive.set(alive if actors_alive is None else actors_alive)
-            if missing_total is not None:
-                self._advance(self.frames_missing, "frames_missing_total", missing_total)
-            if lost_in_restart_total is not None:
-                self._advance(self.frames_lost_in_restart, "frames_lost_in_restart_total", lost_in_restart_total)
             self.rss_bytes.labels("supervisor").set(process_rss_bytes())
             if not self._rate_external:
                 self._update_rate()
 
-    def _advance(self, counter: Counter, sample: str, total: int) -> None:
-        delta = int(total) - int(self.value(sample))
+    def _advance(self, counter: Any, sample: str, total: int, labels: dict[str, str] | None = None) -> None:
+        delta = int(total) - int(self.value(sample, labels))
         if delta > 0:
             counter.inc(delta)
-
-    def _fold_actor(self, actor: str, s: dict, count_missing: bool = True, estimate_lost: bool = True) -> None:
-        last = self._last.get(actor)
-        restarted = last is not None and (
-            ("incarnation" in s and "incarnation" in last and s["incarnation"] != last["incarnation"])
-            or int(s.get("restarts", 0)) > int(last.get("restarts", 0))
-            or any(int(s[k]) < int(last[k]) for k in _SCALARS if k in s and k in last))
-        if restarted:
-            assert last is not None
-            self.actor_restarts.inc(max(1, int(s.get("restarts", 0)) - int(last.get("restarts", 0))))
-            if estimate_lost:
-                rejected = sum(int(v) for v in (last.get("rejected") or {}).values())
-                in_flight = int(last.get("received", 0)) - int(last.get("processed", 0)) - rejected
-                self.frames_lost_in_restart.inc(max(0, in_flight))
-            last = None  # the new totals are fresh
-        base = last or {}
-        for key, name in _SCALARS.items():
-            if key in s and (count_missing or key != "missing"):
-                delta = int(s[key]) - int(base.get(key, 0))
-                if delta > 0:
-                    getattr(self, name).inc(delta)
-        for key, (name, _label) in _LABELLED.items():
-            before = base.get(key) or {}
-            for label, n in (s.get(key) or {}).items():
-                delta = int(n) - int(before.get(label, 0))
-                if delta > 0:
-                    getattr(self, name).labels(str(label)).inc(delta)
-        for n in s.get("batch_sizes") or ():
-            self.batch_size.observe(n)
-        for t in s.get("latencies_s") or ():
-            self.latency_seconds.observe(t)
-        if "rss_bytes" in s:
-            self.rss_bytes.labels(actor).set(s["rss_bytes"])
-        if "device_mem_bytes" in s:
-            self.device_memory.labels(actor).set(s["device_mem_bytes"])
-        keep = {k: s[k] for k in (*_SCALARS, *_LABELLED, "restarts", "incarnation") if k in s}
-        self._last[actor] = {**keep, **{k: dict(v or {}) for k, v in keep.items() if k in _LABELLED}}
 
     def set_rate(self, fps: float) -> None:
         """Set rate_fps from the caller's own measurement (then it is no longer computed here)."""
@@ -169,12 +145,6 @@ class Metrics:
         if self._rate_t is not None and now > self._rate_t:
             self.rate_fps.set(max(0.0, processed - self._rate_processed) / (now - self._rate_t))
         self._rate_t, self._rate_processed = now, processed
-
-    def record_restart(self, frames_lost: int = 0) -> None:
-        """A restart the stats cannot show (e.g. an actor replaced under a new name)."""
-        self.actor_restarts.inc()
-        if frames_lost > 0:
-            self.frames_lost_in_restart.inc(frames_lost)
 
     def update_gpus(self, indices: Sequence[int] | None = None) -> bool:
         """Refresh the per-GPU gauges from NVML; False (and no change) where NVML is unavailable."""
@@ -232,8 +202,7 @@ class Metrics:
 
     def totals(self) -> dict[str, Any]:
         """The counters' current totals as plain data (for logs and tests)."""
-        out: dict[str, Any] = {name: int(self.value(f"{name}_total")) for name in
-                               (*_SCALARS.values(), "actor_restarts", "frames_lost_in_restart")}
+        out: dict[str, Any] = {name: int(self.value(f"{name}_total")) for name in _SCALARS.values()}
         for _key, (name, label) in _LABELLED.items():
             out[name] = self._by_label(name, label)
         out["actors_alive"] = int(self.value("actors_alive"))

@@ -1,28 +1,36 @@
 """The supervisor: the Ray driver that owns the daemon's lifecycle.
 
-start: GPU health -> CUDA_VISIBLE_DEVICES -> ray.init -> one actor per healthy GPU (or CPU
-actors) -> metrics endpoint -> READY=1. Then every `metrics.interval_s`: gather actor stats,
-update metrics, count restarts, complete runs, send WATCHDOG=1 while actors answer. stop:
-STOPPING=1, every actor finishes what it received and closes its sinks, final totals logged.
+start: GPU health -> CUDA_VISIBLE_DEVICES -> ray.init -> leftover `*.cxi.tmp` renamed
+`*.cxi.partial` -> one actor per healthy GPU (or CPU actors) -> metrics endpoint -> READY=1.
+Then every `metrics.interval_s`: gather every actor's stats at once, fold them into
+`Accounting` (restarts, losses, runs), update metrics, and send WATCHDOG=1 only while frames
+move: every actor answers and is healthy, or is restarting for less than
+`health.restart_grace_s`. stop: STOPPING=1, all actors drain and stop in parallel, each wait
+bounded, final totals logged.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
+import msgpack
 import ray
 
+from .accounting import Accounting
 from .actor import PipelineActor, actor_options
 from .config import Config
 from .gpu_health import check_gpus, check_node_task, format_table, healthy_visible_devices
-from .log import get_logger
+from .log import RateLimitedLog, get_logger
 from .metrics import Metrics
-from .runs import RunTracker
 from .sdnotify import SdNotifier
+from .worker import tally_path
 
 log = get_logger("peaknet.supervisor")
 
@@ -42,10 +50,24 @@ class _ActorState:
     handle: Any
     index: int
     node: str = ""
-    incarnation: str = ""
+    incarnation: str = ""  # as started; later ones are in `last`
     last: dict = field(default_factory=dict)
     alive: bool = False
-    restarts: int = 0
+    down_since: Optional[float] = None  # monotonic time it stopped answering
+
+
+def rename_leftovers(cxi_dir: str) -> int:
+    """`*.cxi.tmp` files left by a daemon that died become `*.cxi.partial`; how many."""
+    if not cxi_dir or not os.path.isdir(cxi_dir):
+        return 0
+    n = 0
+    for tmp in Path(cxi_dir).glob("*.cxi.tmp"):
+        try:
+            os.replace(tmp, tmp.with_name(tmp.name[: -len(".tmp")] + ".partial"))
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 class Supervisor:
@@ -55,25 +77,31 @@ class Supervisor:
         self.cfg = cfg
         self.notifier = notifier or SdNotifier()
         self.metrics = Metrics()
-        self.runs = RunTracker(cfg.ingest.run_end_grace_s)
+        self.accounting = Accounting(cfg.ingest.run_end_grace_s)
         self.actors: list[_ActorState] = []
         self.metrics_port: int | None = None
         self._server = None
         self._last_loop = time.monotonic()
         self._rate = (time.monotonic(), 0)
-        self._missing = 0
-        self._lost_in_restart = 0
+        self._frames_moving = True
+        self._health_log = RateLimitedLog(30.0)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.tally_dir = tempfile.mkdtemp(prefix="peaknet-tally-", dir=shm)
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
         use_gpu, placements = self._plan_actors()
+        leftovers = rename_leftovers(self.cfg.output.cxi_dir)
+        if leftovers:
+            log.warning("cxi_leftovers_renamed", files=leftovers, cxi_dir=self.cfg.output.cxi_dir,
+                        detail="*.cxi.tmp of a daemon that did not stop cleanly are now *.cxi.partial")
         remote_cls = ray.remote(PipelineActor)
         for i, node in enumerate(placements):
             options = actor_options(self.cfg, use_gpu, spread=False)
             if node:
                 options["scheduling_strategy"] = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
                     node_id=node, soft=True)
-            handle = remote_cls.options(**options).remote(self.cfg, i)
+            handle = remote_cls.options(**options).remote(self.cfg, i, True, self.tally_dir)
             self.actors.append(_ActorState(handle, i, node))
         endpoints: list[str] = []
         for state in self.actors:
@@ -81,7 +109,9 @@ class Supervisor:
                 info = ray.get(state.handle.ready.remote(), timeout=600)  # includes compile + warm-up
             except ray.exceptions.RayActorError as exc:
                 raise StartupError(f"pipeline actor {state.index} failed to start: {_last_line(exc)}") from None
-            state.incarnation, state.alive = info["incarnation"], True
+            state.alive, state.incarnation = True, info["incarnation"]
+            self.accounting.observe([{"index": state.index, "incarnation": info["incarnation"], "runs": [],
+                                      "controls": []}], time.monotonic())
             endpoints += info["endpoints"]
             log.info("actor_ready", **info)
         self._serve_metrics()
@@ -180,7 +210,8 @@ class Supervisor:
         return time.monotonic() - self._last_loop < 5 * self.cfg.metrics.interval_s + 10
 
     def ready(self) -> bool:
-        return bool(self.actors) and all(a.alive for a in self.actors)
+        """Frames can move: every actor answers and none is stalled or has a dead worker."""
+        return bool(self.actors) and all(a.alive for a in self.actors) and self._frames_moving
 
     # ------------------------------------------------------------------ steady state
     def run(self, stop: threading.Event) -> None:
@@ -192,53 +223,76 @@ class Supervisor:
             self.poll()
 
     def poll(self) -> list[dict]:
-        """One supervision round: stats, metrics, restarts, runs, watchdog."""
-        self._last_loop = time.monotonic()
+        """One supervision round: every actor's stats at once, accounting, metrics, watchdog."""
+        now = self._last_loop = time.monotonic()
         refs = {a.index: a.handle.stats.remote() for a in self.actors}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(self.cfg.metrics.interval_s * 2, 5))
         stats = []
         for state in self.actors:
             try:
-                s = ray.get(refs[state.index], timeout=max(self.cfg.metrics.interval_s * 2, 5))
+                s = ray.get(refs[state.index], timeout=0)
             except (ray.exceptions.RayError, TimeoutError) as exc:
-                if state.alive:
-                    log.error("actor_unavailable", actor=state.index, error=type(exc).__name__)
-                state.alive = False
+                self._actor_down(state, exc, now)
                 continue
-            self._note_incarnation(state, s)
+            self._actor_up(state, s, now)
             stats.append(s)
         self._account(stats)
-        if stats and len(stats) == len(self.actors):
-            self.notifier.watchdog()
+        self._watchdog(stats, now)
         return stats
 
-    def _note_incarnation(self, state: _ActorState, s: dict) -> None:
-        if state.incarnation and s["incarnation"] != state.incarnation:
-            last = state.last
-            lost = max(last.get("received", 0) - last.get("processed", 0) - sum(last.get("rejected", {}).values()), 0)
-            state.restarts += 1
-            self._lost_in_restart += lost
-            log.error("actor_restarted", actor=state.index, restarts=state.restarts, pid=s["pid"],
-                      frames_in_flight_lost_at_least=lost,
-                      detail="frames received after the last stats poll are counted as missing at run end")
-        if not state.alive:
+    def _actor_down(self, state: _ActorState, exc: Exception, now: float) -> None:
+        if state.alive:
+            log.error("actor_unavailable", actor=state.index, error=type(exc).__name__)
+        state.alive = False
+        if state.down_since is None:
+            state.down_since = now
+        if isinstance(exc, ray.exceptions.RayActorError):  # its process is gone: what it did is final
+            self._end_incarnation(state, now)
+
+    def _actor_up(self, state: _ActorState, s: dict, now: float) -> None:
+        previous = state.last.get("incarnation", state.incarnation)
+        if previous != s["incarnation"]:
+            if self.accounting.current(state.index) == previous:
+                self._end_incarnation(state, now)
+            log.error("actor_restarted", actor=state.index, restarts=self.accounting.restarts[state.index],
+                      pid=s["pid"], incarnation=s["incarnation"])
+        elif not state.alive:
             log.info("actor_back", actor=state.index, pid=s["pid"])
-        state.incarnation, state.last, state.alive = s["incarnation"], s, True
+        state.last, state.alive, state.down_since = s, True, None
+
+    def _end_incarnation(self, state: _ActorState, now: float) -> None:
+        """The actor's current incarnation died: account it from its tally file."""
+        incarnation = self.accounting.current(state.index)
+        if incarnation is None:
+            return
+        final = read_tally(self.tally_dir, state.index, incarnation)
+        lost = self.accounting.end(state.index, incarnation, final, now)
+        log.error("actor_incarnation_ended", actor=state.index, incarnation=incarnation, frames_lost=lost,
+                  from_tally_file=final is not None)
+
+    def _watchdog(self, stats: list[dict], now: float) -> None:
+        """WATCHDOG=1 while frames can move; an actor restarting keeps it going for a while."""
+        unhealthy = [s for s in stats if not s.get("health", {}).get("healthy", True)]
+        for s in unhealthy:
+            if self._health_log.should_log(f"actor{s['index']}"):
+                log.error("actor_unhealthy", actor=s["index"], problems=s["health"]["problems"])
+        down = [a for a in self.actors if not a.alive]
+        restarting = all(a.down_since is not None and now - a.down_since < self.cfg.health.restart_grace_s
+                         for a in down)
+        self._frames_moving = not unhealthy and not down
+        if not unhealthy and restarting:
+            self.notifier.watchdog()
 
     def _account(self, stats: list[dict], final: bool = False) -> None:
         now = time.monotonic()
-        outcomes = self.runs.update(stats, now) + (self.runs.settle_all() if final else [])
+        outcomes = self.accounting.observe(stats, now) + (self.accounting.settle_all() if final else [])
         for outcome in outcomes:
-            self._missing += outcome.missing
             files = [] if final else self._close_run(outcome.run)  # at shutdown actors closed theirs
             log_fn = log.warning if outcome.missing else log.info
             log_fn("run_complete", source=outcome.source, run=outcome.run, count=outcome.count,
                    processed=outcome.processed, missing=outcome.missing, timed_out=outcome.timed_out,
                    settled_by=outcome.how, files=files)
-        for s in stats:
-            s["restarts"] = self.actors[s["index"]].restarts
-        self.metrics.update_from_stats(stats, missing_total=self._missing,
-                                       lost_in_restart_total=self._lost_in_restart,
-                                       actors_alive=sum(a.alive for a in self.actors))
+        self.metrics.update(self.accounting.totals(), stats, actors_alive=sum(a.alive for a in self.actors))
         self.metrics.update_gpus()
         processed = self.total_processed()
         t0, n0 = self._rate
@@ -250,32 +304,40 @@ class Supervisor:
         self._rate = (now, processed)
 
     def _close_run(self, run: Any) -> list[str]:
-        """Every actor closes its CXI file of `run`; the completed files."""
+        """Every actor closes its CXI file of `run` (in parallel); the completed files."""
+        refs = [a.handle.close_run.remote(run) for a in self.actors if a.alive]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
         files: list[str] = []
-        for state in self.actors:
+        for ref in ready:
             try:
-                files += ray.get(state.handle.close_run.remote(run), timeout=60)
+                files += ray.get(ref, timeout=0)
             except (ray.exceptions.RayError, TimeoutError):
                 pass
         return files
 
     def total_processed(self) -> int:
-        return sum(self.runs.processed().values())
+        return int(self.accounting.totals()["processed"])
 
     # ------------------------------------------------------------------ stop
     def shutdown(self) -> dict:
-        """Stop every actor cleanly (each finishes what it received) and log the totals."""
+        """Stop every actor at once (each drains its sockets and finishes what it received),
+        within `shutdown.timeout_s` plus a margin for Ray; log the totals."""
         self.notifier.stopping()
         log.info("daemon_stopping", actors=len(self.actors))
-        refs = [(a, a.handle.stop.remote()) for a in self.actors if a.alive]
-        finals = []
-        for state, ref in refs:
-            try:
-                final = ray.get(ref, timeout=120)
-            except (ray.exceptions.RayError, TimeoutError) as exc:
-                log.error("actor_stop_failed", actor=state.index, error=str(exc))
+        timeout = self.cfg.shutdown.timeout_s
+        refs = {a.index: a.handle.stop.remote() for a in self.actors if a.alive}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout + 5)
+        finals, now = [], time.monotonic()
+        for state in self.actors:
+            if state.index not in refs:
                 continue
-            self._note_incarnation(state, final)
+            try:
+                final = ray.get(refs[state.index], timeout=0)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.error("actor_stop_failed", actor=state.index, error=type(exc).__name__,
+                          detail="counted from its tally file")
+                self._end_incarnation(state, now)
+                continue
             finals.append(final)
         self._account(finals, final=True)
         totals = self.metrics.totals()
@@ -283,4 +345,13 @@ class Supervisor:
         if self._server is not None:
             self._server.shutdown()
         ray.shutdown()
+        shutil.rmtree(self.tally_dir, ignore_errors=True)
         return totals
+
+
+def read_tally(tally_dir: str, index: int, incarnation: str) -> Optional[dict]:
+    """The tally file a worker left (None when there is none, e.g. on another node)."""
+    try:
+        return msgpack.unpackb(tally_path(tally_dir, index, incarnation).read_bytes(), raw=False)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None

@@ -468,7 +468,7 @@ class Worker:
         frame_rejections = sum(self._rejected[r] for r in FRAME_REASONS)
         message_rejections = sum(rejected.values()) - frame_rejections
         return {"received": frames_in + message_rejections, "frames_in": frames_in,
-                "controls": int(c[CONTROLS]), "processed": self._processed, "rejected": dict(rejected),
+                "control_messages": int(c[CONTROLS]), "processed": self._processed, "rejected": dict(rejected),
                 "in_flight": frames_in - self._processed - frame_rejections}
 
     def health(self) -> dict:
