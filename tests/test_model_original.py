@@ -201,3 +201,23 @@ def test_original_any_size_channels_last_and_bf16() -> None:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = net(xb)
     assert (low.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_original_compiles_and_replays_as_a_cuda_graph(name: str) -> None:
+    """torch.compile with CUDA graphs (reduce-overhead) gives the fixture outputs, fp32 and bf16."""
+    net = build_net(model_cfg(name))
+    net.load_state_dict(state(name))
+    net = net.cuda().eval()
+    compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
+    x, expected = batch(name)
+    x = x.cuda()
+    with torch.inference_mode():
+        for _ in range(3):  # record, then replay
+            out = compiled(x).clone()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = torch.compile(net, mode="reduce-overhead")(x).float().cpu()
+    assert (out.cpu() - expected).abs().max() <= 1e-3  # TF32/cuDNN algorithms differ from the CPU's
+    assert (low - expected).abs().max() < 0.05 * expected.abs().max()
