@@ -129,6 +129,13 @@ def test_torch_file_with_code_is_refused(tmp_path: Path) -> None:
         load_checkpoint(build_net(model_cfg("tiny")), path)
 
 
+def test_a_file_without_a_state_dict_says_where_it_looked(tmp_path: Path) -> None:
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
+    with pytest.raises(CheckpointError, match=r"no tensors found; top-level keys: epoch, config .*model_state_dict"):
+        load_checkpoint(build_net(model_cfg("tiny")), path)
+
+
 def test_mismatch_lists_keys_and_names_the_config_keys_that_fit(tmp_path: Path) -> None:
     path = FIX / "tiny-learned-upsample.pt"
     cfg = model_cfg("tiny")  # other depths, BiFPN width and blocks, no learned upsampling
