@@ -44,16 +44,26 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, doc: str 
 # ----------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ConvNeXtV2-atto sized encoder, a light BiFPN: the fast default.
-    "peaknet-atto": {"kind": "peaknet", "dims": [40, 80, 160, 320], "depths": [2, 2, 6, 2],
-                     "bifpn_blocks": 1, "bifpn_features": 64, "num_classes": 2},
-    # Upstream PeakNet "small".
-    "peaknet-small": {"kind": "peaknet", "dims": [96, 192, 384, 768], "depths": [3, 3, 9, 3],
-                      "bifpn_blocks": 2, "bifpn_features": 256, "num_classes": 2},
+    # ConvNeXtV2-atto sized encoder, a light BiFPN, in this project's first architecture (v1): the
+    # fast default, with shipped weights.
+    "peaknet-atto": {"kind": "peaknet", "architecture": "v1", "backbone_hidden_sizes": [40, 80, 160, 320],
+                     "backbone_depths": [2, 2, 6, 2], "bifpn_num_blocks": 1, "bifpn_num_features": 64,
+                     "num_classes": 2},
+    # The original PeakNet-small, exactly (33,164,768 parameters).
+    "peaknet-small": {"kind": "peaknet", "architecture": "original", "backbone_hidden_sizes": [96, 192, 384, 768],
+                      "backbone_depths": [3, 3, 9, 3], "bifpn_num_blocks": 2, "bifpn_num_features": 256,
+                      "seg_out_channels": 256, "uses_learned_upsample": False, "num_classes": 2},
     "classical": {"kind": "classical"},
     # Finds nothing at no cost: measures ingest, transfers and the pipeline alone (benchmarks).
     "ingest-only": {"kind": "none"},
 }
+
+# The keys that fix a PeakNet's architecture (named as the original's model config names them).
+ARCH_KEYS = ("architecture", "backbone_hidden_sizes", "backbone_depths", "bifpn_num_blocks", "bifpn_num_features",
+             "seg_out_channels", "uses_learned_upsample", "num_classes")
+# Keys of earlier releases, renamed to the original's names.
+RENAMED = {"dims": "backbone_hidden_sizes", "depths": "backbone_depths", "bifpn_blocks": "bifpn_num_blocks",
+           "bifpn_features": "bifpn_num_features"}
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,23 @@ class ModelConfig:
     preset: str = _f("peaknet-atto", doc="peaknet-atto, peaknet-small, classical or ingest-only (finds "
                                          "nothing; for benchmarks); fills the keys below")
     kind: Literal["peaknet", "classical", "none"] = _f("peaknet", doc="set by the preset")
-    dims: list[int] = _f([40, 80, 160, 320], doc="ConvNeXtV2 stage widths")
-    depths: list[int] = _f([2, 2, 6, 2], doc="ConvNeXtV2 blocks per stage")
-    bifpn_blocks: int = _f(1, 1, 8, doc="repeated BiFPN blocks")
-    bifpn_features: int = _f(64, 8, 1024, doc="BiFPN channels")
+    architecture: Literal["original", "v1"] = _f(
+        "v1", doc="original = PeakNet as the peaknet package builds it (its checkpoints load); "
+                  "v1 = this project's first net (the shipped peaknet-atto weights)")
+    backbone_hidden_sizes: list[int] = _f([40, 80, 160, 320], 1, 4096, doc="ConvNeXtV2 stage widths (4)")
+    backbone_depths: list[int] = _f([2, 2, 6, 2], 1, 64, doc="ConvNeXtV2 blocks per stage (4)")
+    bifpn_num_blocks: int = _f(1, 1, 8, doc="repeated BiFPN blocks")
+    bifpn_num_features: int = _f(64, 8, 1024, doc="BiFPN channels")
+    seg_out_channels: int = _f(256, 32, 1024, doc="segmentation-head channels, a multiple of 32 (original only)")
+    uses_learned_upsample: bool = _f(False, doc="add the head's learned ConvTranspose2d x4 path (original only)")
     num_classes: int = _f(2, 1, 16, doc="segmentation classes (1 = peak)")
-    checkpoint: str = _f("", doc="safetensors or torch file; empty = random weights; 'default' = shipped")
+    normalisation: Literal["instance", "none", "fixed"] = _f(
+        "instance", doc="input scaling before the net: per-image (x-mean)/(std+1e-6), raw values, "
+                        "or (x-norm_mean)/norm_std")
+    norm_mean: float = _f(0.0, doc="subtracted when normalisation is fixed (ADU)")
+    norm_std: float = _f(1.0, 1e-12, doc="divides when normalisation is fixed (ADU)")
+    checkpoint: str = _f("", doc="safetensors or .pt (state dict, or a trainer checkpoint holding one); "
+                                 "empty = random weights; 'default' = shipped")
     threshold: float = _f(0.5, 0.0, 1.0, doc="peak-class probability that marks a pixel")
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
 
@@ -277,6 +298,10 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 
 def _apply_preset(model: dict, source: str) -> dict:
+    for old, new in RENAMED.items():
+        if old in model:
+            raise ConfigError(f"model.{old}", model[old], f"renamed to model.{new} (the original PeakNet's name)",
+                              source)
     preset = model.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
         raise ConfigError("model.preset", preset, f"unknown preset (known: {', '.join(PRESETS)})", source)
@@ -288,8 +313,15 @@ def _cross_check(cfg: Config) -> None:
     if len(cfg.pipeline.frame_shape) != 3:
         raise ConfigError("pipeline.frame_shape", cfg.pipeline.frame_shape, "must be [panels, H, W]", src)
     m = cfg.model
-    if m.kind == "peaknet" and (len(m.dims) != 4 or len(m.depths) != 4):
-        raise ConfigError("model.dims", m.dims, "peaknet needs 4 stage dims and 4 depths", src)
+    if m.kind == "peaknet":
+        for key in ("backbone_hidden_sizes", "backbone_depths"):
+            if len(getattr(m, key)) != 4:
+                raise ConfigError(f"model.{key}", getattr(m, key), "peaknet needs 4 stages", src)
+        if m.architecture == "original" and m.seg_out_channels % 32:
+            raise ConfigError("model.seg_out_channels", m.seg_out_channels,
+                              "must be a multiple of 32 (the head's GroupNorm groups)", src)
+        if m.architecture == "v1" and m.uses_learned_upsample:
+            raise ConfigError("model.uses_learned_upsample", True, "only the original architecture has it", src)
     c = m.classical
     if c.outer_radius <= c.inner_radius:
         raise ConfigError("model.classical.outer_radius", c.outer_radius, "must exceed inner_radius", src)
@@ -342,7 +374,8 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         node[leaf] = value
     if "model.preset" in overrides:  # a new preset replaces the old preset's sizes
         explicit = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-        data["model"] = {**{k: v for k, v in data["model"].items() if k in ("checkpoint", "threshold", "classical")},
+        kept = ("checkpoint", "threshold", "classical", "normalisation", "norm_mean", "norm_std")
+        data["model"] = {**{k: v for k, v in data["model"].items() if k in kept},
                          **explicit}
     return config_from_dict(data, cfg.source + " (with overrides)")
 

@@ -55,8 +55,8 @@ def test_check_prints_the_resolved_config(name):
     resolved = yaml.safe_load(out.stdout)
     given = yaml.safe_load(path.read_text())
     preset = PRESETS[given["model"]["preset"]]
-    assert resolved["model"]["dims"] == preset["dims"]
-    assert resolved["model"]["depths"] == preset["depths"]
+    for key in ("architecture", "backbone_hidden_sizes", "backbone_depths", "bifpn_num_blocks"):
+        assert resolved["model"][key] == preset[key]
     assert resolved["pipeline"]["frame_shape"] == given["pipeline"]["frame_shape"]
     assert resolved["gpus"] == {**resolved["gpus"], **given["gpus"]}
     assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "metrics", "health", "shutdown", "logging"}

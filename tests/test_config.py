@@ -12,11 +12,29 @@ def write(tmp_path, text):
 
 
 def test_presets_fill_the_model_and_explicit_keys_win(tmp_path):
-    cfg = load_config(write(tmp_path, "model: {preset: peaknet-small, bifpn_blocks: 3}\n"))
-    assert cfg.model.dims == PRESETS["peaknet-small"]["dims"] == [96, 192, 384, 768]
-    assert cfg.model.depths == [3, 3, 9, 3] and cfg.model.bifpn_features == 256
-    assert cfg.model.bifpn_blocks == 3
+    cfg = load_config(write(tmp_path, "model: {preset: peaknet-small, bifpn_num_blocks: 3}\n"))
+    m = cfg.model
+    assert m.backbone_hidden_sizes == PRESETS["peaknet-small"]["backbone_hidden_sizes"] == [96, 192, 384, 768]
+    assert m.backbone_depths == [3, 3, 9, 3] and m.bifpn_num_features == 256 and m.seg_out_channels == 256
+    assert m.architecture == "original" and m.bifpn_num_blocks == 3
+    assert config_from_dict({"model": {"preset": "peaknet-atto"}}).model.architecture == "v1"
     assert config_from_dict({"model": {"preset": "classical"}}).model.kind == "classical"
+
+
+@pytest.mark.parametrize("model, key, value, problem", [
+    ({"dims": [1, 2, 3, 4]}, "model.dims", [1, 2, 3, 4], "renamed to model.backbone_hidden_sizes"),
+    ({"bifpn_blocks": 2}, "model.bifpn_blocks", 2, "renamed to model.bifpn_num_blocks"),
+    ({"backbone_depths": [3, 3, 9]}, "model.backbone_depths", [3, 3, 9], "4 stages"),
+    ({"preset": "peaknet-small", "seg_out_channels": 48}, "model.seg_out_channels", 48, "multiple of 32"),
+    ({"uses_learned_upsample": True}, "model.uses_learned_upsample", True, "only the original"),
+    ({"architecture": "hf"}, "model.architecture", "hf", "one of"),
+    ({"normalisation": "batch"}, "model.normalisation", "batch", "one of"),
+    ({"normalisation": "fixed", "norm_std": 0.0}, "model.norm_std", 0.0, ">="),
+])
+def test_architecture_keys_are_validated(model, key, value, problem):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": model})
+    assert err.value.key == key and err.value.value == value and problem in str(err.value)
 
 
 @pytest.mark.parametrize("text, key, value", [
@@ -51,7 +69,8 @@ def test_unreadable_and_malformed_files(tmp_path):
 def test_overrides_are_validated_and_a_new_preset_replaces_sizes():
     cfg = config_from_dict({"model": {"preset": "peaknet-small", "checkpoint": "x.safetensors"}})
     atto = with_overrides(cfg, {"model.preset": "peaknet-atto", "pipeline.batch_size": 8})
-    assert atto.model.dims == PRESETS["peaknet-atto"]["dims"] and atto.pipeline.batch_size == 8
+    assert atto.model.backbone_hidden_sizes == PRESETS["peaknet-atto"]["backbone_hidden_sizes"]
+    assert atto.model.architecture == "v1" and atto.pipeline.batch_size == 8
     assert atto.model.checkpoint == "x.safetensors"
     with pytest.raises(ConfigError, match="pipeline.buffers"):
         with_overrides(cfg, {"pipeline.buffers": 0})

@@ -1,4 +1,5 @@
-"""PeakNet shapes, finders from config, and checkpoint round trips."""
+"""PeakNet v1 (the shipped peaknet-atto) shapes, finders from config, and checkpoint round trips.
+The original architecture has its own tests in test_model_original.py."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ import pytest
 import torch
 
 from peaknet_daemon.config import PRESETS, ModelConfig, PipelineConfig, config_from_dict
-from peaknet_daemon.model import (CheckpointError, Finder, PeakNet, PeakNetFinder, build_finder,
+from peaknet_daemon.model import (CheckpointError, Finder, PeakNetFinder, PeakNetV1, build_finder, build_net,
                                   load_checkpoint, resolve_checkpoint, save_checkpoint)
+
+from peaknet_daemon.model.finder import arch_of
 
 CPU = torch.device("cpu")
 
 
-def net_for(preset: str) -> PeakNet:
-    p = PRESETS[preset]
-    return PeakNet(p["dims"], p["depths"], p["bifpn_blocks"], p["bifpn_features"], p["num_classes"]).eval()
+def net_for(preset: str, **keys: object) -> torch.nn.Module:
+    return build_net(config_from_dict({"model": {"preset": preset, **keys}}).model).eval()
 
 
 @pytest.fixture(scope="module")
-def atto() -> PeakNet:
+def atto() -> PeakNetV1:
     """One shared atto net (building one costs ~1 s on the CI machine); tests must not mutate it."""
     torch.manual_seed(0)
     return net_for("peaknet-atto")
@@ -33,7 +35,7 @@ def cfg_for(preset: str, **pipeline: object):
                              "pipeline": {"frame_shape": [2, 64, 96], **pipeline}})
 
 
-def test_peaknet_output_shapes(atto: PeakNet) -> None:
+def test_peaknet_output_shapes(atto: PeakNetV1) -> None:
     with torch.inference_mode():
         out = atto(torch.randn(1, 1, 64, 96))
     assert out.shape == (1, PRESETS["peaknet-atto"]["num_classes"], 64, 96)
@@ -41,7 +43,7 @@ def test_peaknet_output_shapes(atto: PeakNet) -> None:
     torch.manual_seed(0)
     small = net_for("peaknet-small")
     n = sum(p.numel() for p in small.parameters())
-    assert 25e6 < n < 40e6  # upstream PeakNet-small is ~33M
+    assert n == 33_164_768  # the original PeakNet-small (names and shapes: test_model_original.py)
     with torch.inference_mode():
         out = small(torch.randn(1, 1, 64, 96))
     assert out.shape == (1, PRESETS["peaknet-small"]["num_classes"], 64, 96)
@@ -49,13 +51,13 @@ def test_peaknet_output_shapes(atto: PeakNet) -> None:
 
 
 @pytest.mark.parametrize("hw", [(37, 50), (65, 33), (100, 129)])
-def test_peaknet_arbitrary_sizes(atto: PeakNet, hw: tuple[int, int]) -> None:
+def test_peaknet_arbitrary_sizes(atto: PeakNetV1, hw: tuple[int, int]) -> None:
     with torch.inference_mode():
         out = atto(torch.randn(2, 1, *hw))
     assert out.shape == (2, 2, *hw)
 
 
-def test_peaknet_pads_bottom_right_and_crops_back(atto: PeakNet) -> None:
+def test_peaknet_pads_bottom_right_and_crops_back(atto: PeakNetV1) -> None:
     """An odd-sized image is the top-left corner of its zero-padded multiple-of-32 version."""
     x = torch.randn(1, 1, 50, 37)
     with torch.inference_mode():
@@ -65,7 +67,7 @@ def test_peaknet_pads_bottom_right_and_crops_back(atto: PeakNet) -> None:
     assert not torch.allclose(odd, padded[..., 14:, 27:])
 
 
-def test_peaknet_channels_last_and_bf16_autocast(atto: PeakNet) -> None:
+def test_peaknet_channels_last_and_bf16_autocast(atto: PeakNetV1) -> None:
     net = copy.deepcopy(atto)
     x = torch.randn(2, 1, 64, 64)
     with torch.inference_mode():
@@ -104,7 +106,7 @@ def test_finder_threshold_controls_mask() -> None:
     assert not finder(images)[0].any()
 
 
-def test_finder_is_invariant_to_image_scale(atto: PeakNet) -> None:
+def test_finder_is_invariant_to_image_scale(atto: PeakNetV1) -> None:
     """Instance normalisation: an affine change of the raw values gives the same mask."""
     finder = PeakNetFinder(atto, 2, 0.5, None, False, 1, 10)
     images = torch.rand(2, 1, 32, 48)
@@ -114,7 +116,7 @@ def test_finder_is_invariant_to_image_scale(atto: PeakNet) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_checkpoint_round_trip(atto: PeakNet, tmp_path: Path, suffix: str) -> None:
+def test_checkpoint_round_trip(atto: PeakNetV1, tmp_path: Path, suffix: str) -> None:
     a = copy.deepcopy(atto)
     with torch.no_grad():  # make BatchNorm statistics non-trivial so buffers are tested too
         for m in a.modules():
@@ -132,7 +134,7 @@ def test_checkpoint_round_trip(atto: PeakNet, tmp_path: Path, suffix: str) -> No
         assert torch.equal(a(x), b(x))
 
 
-def test_checkpoint_wrapped_dict_and_prefix(atto: PeakNet, tmp_path: Path) -> None:
+def test_checkpoint_wrapped_dict_and_prefix(atto: PeakNetV1, tmp_path: Path) -> None:
     a = atto
     state = {f"_orig_mod.{k}": v for k, v in a.state_dict().items()}
     torch.save({"model": state, "epoch": 3}, tmp_path / "c.pt")
@@ -142,7 +144,7 @@ def test_checkpoint_wrapped_dict_and_prefix(atto: PeakNet, tmp_path: Path) -> No
         assert torch.equal(v, b.state_dict()[k])
 
 
-def test_checkpoint_mismatch_lists_keys(atto: PeakNet, tmp_path: Path) -> None:
+def test_checkpoint_mismatch_lists_keys(atto: PeakNetV1, tmp_path: Path) -> None:
     state = dict(atto.state_dict())
     state.pop("head.out.weight")
     state["extra.weight"] = torch.zeros(3)
@@ -159,16 +161,22 @@ def test_checkpoint_mismatch_lists_keys(atto: PeakNet, tmp_path: Path) -> None:
     assert isinstance(err.value, ValueError)
 
 
-def test_checkpoint_for_another_preset_is_refused(atto: PeakNet, tmp_path: Path) -> None:
-    p = PRESETS["peaknet-atto"]
-    other = PeakNet(p["dims"], [2, 2, 4, 2], 2, 64, 2)
+def test_checkpoint_for_another_preset_is_refused(atto: PeakNetV1, tmp_path: Path) -> None:
+    other = net_for("peaknet-atto", backbone_depths=[2, 2, 4, 2], bifpn_num_blocks=2)
     save_checkpoint(other, tmp_path / "o.safetensors")
     with pytest.raises(CheckpointError, match=r"missing keys.*unexpected keys") as err:
         load_checkpoint(copy.deepcopy(atto), tmp_path / "o.safetensors")
     assert ", ..." in str(err.value)  # long lists are cut
+    assert str(err.value).endswith("model.architecture: v1, model.backbone_hidden_sizes: [40, 80, 160, 320], "
+                                   "model.backbone_depths: [2, 2, 4, 2], model.bifpn_num_blocks: 2, "
+                                   "model.bifpn_num_features: 64, model.num_classes: 2")
+    cfg = config_from_dict({"model": {"preset": "peaknet-atto"}}).model
+    with pytest.raises(CheckpointError) as err:  # with the configured keys: only those that differ
+        load_checkpoint(copy.deepcopy(atto), tmp_path / "o.safetensors", arch_of(cfg))
+    assert str(err.value).endswith("config keys: model.backbone_depths: [2, 2, 4, 2], model.bifpn_num_blocks: 2")
 
 
-def test_resolve_checkpoint(atto: PeakNet, tmp_path: Path) -> None:
+def test_resolve_checkpoint(atto: PeakNetV1, tmp_path: Path) -> None:
     assert resolve_checkpoint("") is None
     assert resolve_checkpoint(str(tmp_path / "x.pt")) == tmp_path / "x.pt"
     try:
@@ -181,7 +189,7 @@ def test_resolve_checkpoint(atto: PeakNet, tmp_path: Path) -> None:
         load_checkpoint(atto, tmp_path / "absent.safetensors")
 
 
-def test_build_finder_loads_checkpoint(atto: PeakNet, tmp_path: Path) -> None:
+def test_build_finder_loads_checkpoint(atto: PeakNetV1, tmp_path: Path) -> None:
     net = atto
     save_checkpoint(net, tmp_path / "w.safetensors")
     cfg = cfg_for("peaknet-atto")
@@ -192,5 +200,8 @@ def test_build_finder_loads_checkpoint(atto: PeakNet, tmp_path: Path) -> None:
 
 
 def test_model_config_defaults_are_atto() -> None:
-    assert ModelConfig().dims == PRESETS["peaknet-atto"]["dims"]
+    m = ModelConfig()
+    assert (m.architecture, m.backbone_hidden_sizes) == (PRESETS["peaknet-atto"]["architecture"],
+                                                         PRESETS["peaknet-atto"]["backbone_hidden_sizes"])
+    assert m.normalisation == "instance"  # what the shipped weights were trained with
     assert PipelineConfig().min_pixels >= 1

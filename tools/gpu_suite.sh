@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, one stage per device call (each fits the 600 s limit):
 #   tools/gpu_suite.sh pipeline   # gpu-check, GPU tests, bench_pipeline       (~30+40+120 s)
+#   tools/gpu_suite.sh small      # peaknet-small (the original's architecture): its GPU tests
+#                                 # (compile + CUDA graphs vs the original's outputs), bare net and
+#                                 # pipeline, 16x352x384 bf16 compiled reduce-overhead (~60+90 s)
 #   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~250 s)
 #   tools/gpu_suite.sh all        # both of the above in one call (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
@@ -22,7 +25,7 @@ step() {  # name, limit in s, command...: output to the terminal and $OUT/name.t
 pipeline_steps() {
   nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
   step gpu_check 30 python3 -m peaknet_daemon.gpu_health
-  step gpu_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py
+  step gpu_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_pipeline.py tests/test_model_original.py
   step bench_pipeline 200 python3 tools/bench_pipeline.py --seconds 3 --json "$OUT/bench_pipeline.json"
 }
 daemon_steps() {
@@ -30,11 +33,17 @@ daemon_steps() {
     --compile --compile-mode reduce-overhead --frames 2000 --seconds 3 --latency-seconds 3 --timeout 150 --log-dir "$OUT" \
     --json "$OUT/bench_daemon.json"
 }
+small_steps() {
+  step small_tests 150 python3 -m pytest -q -s -m gpu tests/test_model_original.py
+  step bench_small 240 python3 tools/bench_pipeline.py --models peaknet-small --seconds 5 --skip-naive \
+    --json "$OUT/bench_small.json"
+}
 case ${1:-} in
   pipeline) pipeline_steps ;;
+  small) small_steps ;;
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  *) echo "usage: $0 pipeline|daemon|all|train" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|train" >&2; exit 2 ;;
 esac

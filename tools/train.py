@@ -39,7 +39,7 @@ from peaknet_daemon.config import config_from_dict
 from peaknet_daemon.evaluation import AccuracyTally, PeakList, heldout_frames, peaks_from_tensors, truth_from_sim
 from peaknet_daemon.model import instance_normalise
 from peaknet_daemon.model.checkpoint import save_checkpoint
-from peaknet_daemon.model.peaknet import PeakNet
+from peaknet_daemon.model import build_net
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "daemon" / "weights" / "peaknet-atto.safetensors"
@@ -216,7 +216,7 @@ def build_model(preset: str) -> tuple[torch.nn.Module, Any]:
     m = config_from_dict({"model": {"preset": preset}}).model
     if m.kind != "peaknet":
         raise SystemExit(f"preset {preset!r} is not a PeakNet preset")
-    net = PeakNet(m.dims, m.depths, m.bifpn_blocks, m.bifpn_features, m.num_classes)
+    net = build_net(m)
     return net, m
 
 

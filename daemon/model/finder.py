@@ -13,10 +13,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..config import ModelConfig, PipelineConfig
+from ..config import ARCH_KEYS, ModelConfig, PipelineConfig
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .classical import ClassicalFinder
 from .peaknet import PeakNet
+from .v1 import PeakNetV1
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,25 +37,40 @@ class Finder(nn.Module):
 
 
 def instance_normalise(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(x - mean) / (std + eps) per image, as PeakNet was trained."""
+    """(x - mean) / (std + eps) per image, as the nets trained here were trained."""
     var, mean = torch.var_mean(images, dim=(1, 2, 3), keepdim=True, correction=0)
     return (images - mean) / (var.sqrt() + eps)
 
 
+def normalise(images: torch.Tensor, mode: str, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """The input scaling of model.normalisation: 'instance', 'none' (raw values, as the original
+    pipeline feeds them) or 'fixed' ((x - mean) / std, e.g. a detector's own statistics)."""
+    if mode == "instance":
+        return instance_normalise(images)
+    if mode == "fixed":
+        return (images - mean) / std
+    if mode == "none":
+        return images
+    raise ValueError(f"unknown normalisation {mode!r}")
+
+
 class PeakNetFinder(Finder):
-    """Instance normalisation -> PeakNet (autocast, channels_last, compiled as configured)
+    """Input normalisation -> PeakNet (autocast, channels_last, compiled as configured)
     -> peak-class probability > threshold. The signal is the raw image."""
 
     kind = "peaknet"
 
     def __init__(self, net: nn.Module, num_classes: int, threshold: float, autocast_dtype: torch.dtype | None,
-                 channels_last: bool, min_pixels: int, max_pixels: int):
+                 channels_last: bool, min_pixels: int, max_pixels: int, normalisation: str = "instance",
+                 norm_mean: float = 0.0, norm_std: float = 1.0):
         super().__init__(min_pixels, max_pixels)
         self.net = net
         self.num_classes = num_classes
         self.threshold = float(threshold)
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
+        normalise(torch.zeros(1, 1, 1, 1), normalisation)  # fail here, not on the first batch
+        self.normalisation, self.norm_mean, self.norm_std = normalisation, float(norm_mean), float(norm_std)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -64,7 +80,7 @@ class PeakNetFinder(Finder):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = images.float()
-        x = instance_normalise(raw)
+        x = normalise(raw, self.normalisation, self.norm_mean, self.norm_std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast(x.device):
@@ -103,13 +119,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
-def build_peaknet(model_cfg: ModelConfig) -> PeakNet:
-    """A PeakNet of the configured size, with weights from model_cfg.checkpoint when set."""
-    net = PeakNet(model_cfg.dims, model_cfg.depths, model_cfg.bifpn_blocks, model_cfg.bifpn_features,
-                  model_cfg.num_classes)
+def arch_of(model_cfg: ModelConfig) -> dict:
+    """The configured architecture keys (what a checkpoint must match)."""
+    return {k: getattr(model_cfg, k) for k in ARCH_KEYS}
+
+
+def build_net(model_cfg: ModelConfig) -> nn.Module:
+    """A PeakNet of the configured architecture and size, randomly initialised."""
+    m = model_cfg
+    if m.architecture == "original":
+        return PeakNet(m.backbone_hidden_sizes, m.backbone_depths, m.bifpn_num_blocks, m.bifpn_num_features,
+                       m.seg_out_channels, m.num_classes, m.uses_learned_upsample)
+    return PeakNetV1(m.backbone_hidden_sizes, m.backbone_depths, m.bifpn_num_blocks, m.bifpn_num_features,
+                     m.num_classes)
+
+
+def build_peaknet(model_cfg: ModelConfig) -> nn.Module:
+    """build_net, with weights from model_cfg.checkpoint when set."""
+    net = build_net(model_cfg)
     path = resolve_checkpoint(model_cfg.checkpoint)
     if path is not None:
-        load_checkpoint(net, path)
+        load_checkpoint(net, path, arch_of(model_cfg))
     return net
 
 
@@ -131,5 +161,6 @@ def build_finder(model_cfg: ModelConfig, pipeline_cfg: PipelineConfig, device: t
         net = torch.compile(net, mode=pipeline_cfg.compile_mode)
     finder = PeakNetFinder(net, model_cfg.num_classes, model_cfg.threshold,
                            autocast_dtype(pipeline_cfg.precision, device), pipeline_cfg.channels_last,
-                           pipeline_cfg.min_pixels, pipeline_cfg.max_pixels)
+                           pipeline_cfg.min_pixels, pipeline_cfg.max_pixels, model_cfg.normalisation,
+                           model_cfg.norm_mean, model_cfg.norm_std)
     return finder.to(device).eval()
