@@ -1,15 +1,17 @@
 """End-to-end benchmark: K producers -> ZMQ -> peaknet-daemon -> results stream.
 
 For each model and K it starts the real daemon (`peaknet-daemon --config`, embedded Ray, one
-actor per GPU or one CPU actor) with K ingest sockets, runs K `peaknet-producer random`
-processes as fast as they go, and measures at the results consumer:
-- end-to-end frames/s (results received over the steady window),
+actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest processes), runs K
+`peaknet-producer random` processes as fast as they go, and measures at the results consumer:
+- end-to-end frames/s and GB/s (results received over the steady window),
 - latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate,
+- host cores the daemon's process tree used in the steady window (CPU seconds / wall seconds),
 and the model-only rate of the same model and batch for the ratio (end-to-end / model-only).
+The `ingest-only` model finds nothing at no cost: its row is what ingest alone moves.
 
   python tools/bench_daemon.py                          # CPU: tiny frames, a quick look
   python tools/bench_daemon.py --frame-shape 16,352,384 --precision bf16 --compile \
-      --models peaknet-atto,peaknet-small --producers 1,2,4   # the GPU table in the README
+      --models ingest-only,peaknet-atto,peaknet-small --producers 1,2,4,8   # the GPU table in the README
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def model_section(model: str, checkpoint: str) -> dict:
     """'auto': the shipped weights (and their threshold) for peaknet-atto, random weights for
     peaknet-small (none are shipped) at threshold 0.75, where a random net marks no pixel (at
     0.5 it marks ~37% of them); extraction cost depends on what the net marks."""
+    if model == "ingest-only":
+        return {"preset": model}
     if checkpoint == "auto":
         return {"preset": model, "checkpoint": "default" if model == "peaknet-atto" else "", "threshold": 0.75}
     return {"preset": model, "checkpoint": "" if model == "classical" else checkpoint}
@@ -52,7 +56,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
                      "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": args.compile_mode, "device": "auto"},
-        "ray": {"num_cpus": max(2, len(ports) + 1), "max_restarts": 0},  # a crash ends the bench
+        "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
         "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
                                for port in ports]},
@@ -71,6 +75,30 @@ def producers(ports: list[int], args, frames: int, rate: float) -> list[subproce
                "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of `root` and all its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(kids)
+        frontier += kids
+    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 def consume(pull: zmq.Socket, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
@@ -122,10 +150,14 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             consume(pull, args.warmup * k, args.timeout)
             per = args.frames // k
             procs = producers(ports[:k], args, per, 0)
+            cpu0, t0 = tree_cpu_seconds(daemon.pid), time.perf_counter()
             arrivals, lat = consume(pull, per * k, args.timeout)
+            cpu1, t1 = tree_cpu_seconds(daemon.pid), time.perf_counter()
             for p in procs:
                 p.wait()
-            row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals)}
+            row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals),
+                   "host_cores": (cpu1 - cpu0) / (t1 - t0)}
+            row["gb_s"] = row["fps"] * frame_bytes(args) / 1e9
             rate80 = 0.8 * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
@@ -150,6 +182,10 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
     return rows
 
 
+def frame_bytes(args) -> int:
+    return int(np.prod([int(v) for v in args.frame_shape.split(",")])) * np.dtype(args.dtype).itemsize
+
+
 def model_only(model: str, args) -> float:
     """Frames/s of finder + extraction on a device-resident batch (the same model and batch)."""
     import torch
@@ -165,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="peaknet-atto,peaknet-small" if gpu else "classical,peaknet-atto")
-    p.add_argument("--producers", default="1,2,4" if gpu else "1,2")
+    p.add_argument("--models", default="ingest-only,peaknet-atto,peaknet-small" if gpu else "ingest-only,classical,peaknet-atto")
+    p.add_argument("--producers", default="1,2,4,8" if gpu else "1,2")
     p.add_argument("--frame-shape", default="16,352,384" if gpu else "2,64,64")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=4)
@@ -196,18 +232,21 @@ def main(argv: list[str] | None = None) -> int:
             row["model_only_fps"] = mo
             row["ratio"] = row["fps"] / mo
             rows.append(row)
-            print(f"{row['model']:14s} K={row['producers']}  end-to-end {row['fps']:8.1f} frames/s  "
-                  f"model-only {mo:8.1f}  ratio {row['ratio']:.2f}  p50 {row['p50_ms']:.1f} ms  "
-                  f"p99 {row['p99_ms']:.1f} ms at 80%  (p99 {row['p99_ms_max_rate']:.1f} ms at max)", flush=True)
+            print(f"{row['model']:14s} K={row['producers']}  end-to-end {row['fps']:8.1f} frames/s "
+                  f"({row['gb_s']:.2f} GB/s)  model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
+                  f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
+                  f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f}", flush=True)
             if args.json:  # after every row, so a timeout keeps what was measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
-    print("\n| model | K | end-to-end frames/s | model-only frames/s | ratio | p50 ms @80% | p99 ms @80% |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| model | dtype | K | end-to-end frames/s | GB/s | model-only frames/s | ratio | p50 ms @80% "
+          f"| p99 ms @80% | host cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['producers']} | {r['fps']:.1f} | {r['model_only_fps']:.1f} | {r['ratio']:.2f} "
-              f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        print(f"| {r['model']} | {args.dtype} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
+              f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['host_cores']:.1f} |")
     return 0
 
 

@@ -6,6 +6,10 @@
 #                                 # pipeline, 16x352x384 bf16 compiled reduce-overhead (~60+90 s)
 #   tools/gpu_suite.sh daemon     # bench_daemon, peaknet-atto and -small, K=1,2,4 (~250 s)
 #   tools/gpu_suite.sh all        # both of the above in one call (~450 s)
+#   tools/gpu_suite.sh runtime    # the actor runtime: its GPU tests, then bench_daemon ingest-only and
+#                                 # peaknet-atto (float32) at K = 1, 2, 4, 8 producers (~420 s)
+#   tools/gpu_suite.sh runtime2   # bench_daemon peaknet-atto uint16 K = 1, 2, 4, 8 and peaknet-small
+#                                 # float32 K = 1, 2, 4, 8 (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -38,12 +42,31 @@ small_steps() {
   step bench_small 240 python3 tools/bench_pipeline.py --models peaknet-small --seconds 5 --skip-naive \
     --json "$OUT/bench_small.json"
 }
+bench_daemon_row() {  # name, limit, bench_daemon args...
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 --latency-seconds 3 \
+    --timeout 120 --log-dir "$OUT" --json "$OUT/$name.json" "$@"
+}
+runtime_steps() {
+  step runtime_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_runtime.py
+  bench_daemon_row bench_ingest 110 --models ingest-only --producers 1,2,4,8 --frames 4000 --dtype float32
+  bench_daemon_row bench_atto_f32 200 --models peaknet-atto --producers 1,2,4,8 --frames 4000 --dtype float32 \
+    --compile --compile-mode reduce-overhead
+}
+runtime2_steps() {
+  bench_daemon_row bench_atto_u16 200 --models peaknet-atto --producers 1,2,4,8 --frames 4000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+  bench_daemon_row bench_small_f32 240 --models peaknet-small --producers 1,2,4,8 --frames 1600 --dtype float32 \
+    --compile --compile-mode reduce-overhead
+}
 case ${1:-} in
+  runtime) runtime_steps ;;
+  runtime2) runtime2_steps ;;
   pipeline) pipeline_steps ;;
   small) small_steps ;;
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|train" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|runtime2|train" >&2; exit 2 ;;
 esac
