@@ -102,12 +102,12 @@ class Slot:
     """One batch worth of buffers: pinned host input, device input, host output, events."""
 
     def __init__(self, index: int, host_in: torch.Tensor, dev_in: torch.Tensor,
-                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cuda: bool):
+                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], cuda: bool):
         self.index = index
         self.host_in = host_in
         self.frames: np.ndarray = host_in.numpy()  # the ingest writes payloads straight here
         self.dev_in = dev_in
-        self.out_peaks, self.out_counts, self.out_overflow = out
+        self.out_peaks, self.out_counts, self.out_overflow, self.out_bad = out
         self.out_np = tuple(t.numpy() for t in out)
         # Only d2h_done is waited on by the host: blocking sync yields the core instead of spinning.
         self.h2d_done = torch.cuda.Event() if cuda else None
@@ -176,7 +176,8 @@ class Pipeline:
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # buffers exist before other streams use them
         self._free.extend(self.slots)
-        out_bytes = sum(sum(t.nbytes for t in (s.out_peaks, s.out_counts, s.out_overflow)) for s in self.slots)
+        out_bytes = sum(sum(t.nbytes for t in (s.out_peaks, s.out_counts, s.out_overflow, s.out_bad))
+                        for s in self.slots)
         in_bytes = sum(s.host_in.nbytes for s in self.slots)
         self.host_bytes = in_bytes + out_bytes
         self.pinned_bytes = (out_bytes + (in_bytes if host_inputs is None else 0)) if self.cuda else 0
@@ -203,7 +204,8 @@ class Pipeline:
         dev_in = torch.zeros(shape, dtype=self.dtype, device=self.device) if self.cuda else host_in
         out = (torch.zeros((n_img, self.max_peaks, 4), dtype=torch.float32, pin_memory=pin),
                torch.zeros((n_img,), dtype=torch.int32, pin_memory=pin),
-               torch.zeros((n_img,), dtype=torch.int32, pin_memory=pin))
+               torch.zeros((n_img,), dtype=torch.int32, pin_memory=pin),
+               torch.zeros((self.batch_size,), dtype=torch.bool, pin_memory=pin))  # frame had NaN/Inf
         return Slot(i, host_in, dev_in, out, self.cuda)
 
     def _on_device(self) -> contextlib.AbstractContextManager:
@@ -318,15 +320,20 @@ class Pipeline:
                 if self.cuda:
                     comp.wait_event(slot.h2d_done)
                 valid = self._img_index < entry.n * self.frame_shape[0]
+                bad = None
+                if self.dtype.is_floating_point:  # NaN/Inf: checked here, on the device, not on the host
+                    bad = ~torch.isfinite(slot.dev_in.view(self.batch_size, -1)).all(1)
+                    slot.dev_in.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                 detected = detect_batch(self.finder, slot.dev_in, valid, self.max_peaks)
                 if self.cuda:
                     slot.detect_done.record(comp)
-            return entry, detected, valid
+            return entry, detected, valid, bad
         except BaseException as exc:
             self._launch_failed(entry, exc)
             return None
 
-    def _extract(self, entry: _InFlight, detected: tuple, valid: torch.Tensor) -> None:
+    def _extract(self, entry: _InFlight, detected: tuple, valid: torch.Tensor,
+                 bad: Optional[torch.Tensor] = None) -> None:
         """Enqueue extraction (after the detection event) and the D2H of the compact peaks."""
         slot = entry.slot
         _, _, ext, d2h = self._streams
@@ -349,9 +356,13 @@ class Pipeline:
                     slot.out_peaks.copy_(pt.peaks, non_blocking=self.cuda)
                     slot.out_counts.copy_(pt.counts, non_blocking=self.cuda)
                     slot.out_overflow.copy_(pt.overflow, non_blocking=self.cuda)
+                    if bad is not None:
+                        if self.cuda:
+                            bad.record_stream(d2h)
+                        slot.out_bad.copy_(bad, non_blocking=self.cuda)
                     if self.cuda:
                         slot.d2h_done.record(d2h)
-                        entry.keep = (*pt, valid)
+                        entry.keep = (*pt, valid) if bad is None else (*pt, valid, bad)
             entry.launched.set()
         except BaseException as exc:
             self._launch_failed(entry, exc)
@@ -443,15 +454,16 @@ class Pipeline:
 
     def _finish(self, head: _InFlight, keep_inputs: Optional[Callable[[FramePeaks], bool]] = None) -> BatchResult:
         with stage("collect", self.cuda):
-            peaks, counts, overflow = head.slot.out_np
+            peaks, counts, overflow, bad = head.slot.out_np
             frames, padded = split_frames(peaks, counts, overflow, head.n, self.frame_shape[0])
+            nonfinite = np.flatnonzero(bad[: head.n]).tolist() if self.dtype.is_floating_point else []
             inputs = None
             if keep_inputs is not None:
                 inputs = [head.slot.frames[i].copy() if keep_inputs(f) else None for i, f in enumerate(frames)]
         done_at = time.perf_counter()
         self._free_head(head)
         return BatchResult(tags=head.tags, frames=frames, submitted_at=head.submitted_at,
-                           done_at=done_at, padded_peaks=padded, inputs=inputs)
+                           done_at=done_at, padded_peaks=padded, inputs=inputs, nonfinite=nonfinite)
 
     def in_flight(self) -> int:
         """Batches submitted and not yet collected."""

@@ -40,6 +40,7 @@ class BatchResult:
     done_at: float  # time.perf_counter() when collect saw the D2H finish
     padded_peaks: int = field(default=0)  # peaks found in padding entries; always 0 unless broken
     inputs: list | None = None  # per frame: a copy of its input data when asked for, else None
+    nonfinite: list = field(default_factory=list)  # indices of frames that held NaN or Inf (no peaks)
 
 
 def split_frames(peaks: np.ndarray, counts: np.ndarray, overflow: np.ndarray,

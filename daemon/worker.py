@@ -50,7 +50,7 @@ log = get_logger("peaknet.worker")
 SAMPLES_KEPT = 100_000  # latency and batch-size samples held between two stats() calls
 RUNS_KEPT = 256  # per-run tallies kept (most recently updated); older runs are long settled
 CONTROLS_KEPT = 1024  # control events held between two stats() calls
-FRAME_REASONS = ("internal_error", "pipeline_error", "shutdown")  # rejections of frames already counted in
+FRAME_REASONS = ("internal_error", "pipeline_error", "shutdown", "non_finite")  # rejections of frames already counted in
 INGEST_START_S = 60.0  # an ingest process must report its sockets open within this
 
 
@@ -96,6 +96,7 @@ class Worker:
         self._last_batch_done = time.monotonic()
         self._reject_log = RateLimitedLog(cfg.ingest.reject_log_interval_s)
         self._tally_file = tally_path(tally_dir, index, self.incarnation) if tally_dir else None
+        self._tally_lock = threading.Lock()  # dispatch (controls) and results (batches) both write it
         self._stopping = threading.Event()
         self._done = threading.Event()  # set when the result thread may finish (everything collected)
         self._library_lock = threading.Lock()
@@ -390,7 +391,13 @@ class Worker:
         out = self.cfg.output
         inputs = batch.inputs
         self._held_results = list(batch.tags)
+        bad = set(batch.nonfinite)
         for i, (tag, peaks) in enumerate(zip(batch.tags, batch.frames)):
+            if i in bad:  # NaN or Inf in the frame (found on the device): no result
+                with self._stats_lock:
+                    self._held_results.pop(0)
+                self._reject_frames("non_finite", 1, f"{tag.source}#{tag.seq}: NaN or Inf in the frame")
+                continue
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
             if deliver:
                 self._deliver(result, None if inputs is None else inputs[i])
@@ -444,8 +451,9 @@ class Worker:
                     "runs": [[s, r, *t] for (s, r), t in self._runs.items()], "controls": list(self._controls)}
         tmp = self._tally_file.with_suffix(".tmp")
         try:
-            tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
-            os.replace(tmp, self._tally_file)
+            with self._tally_lock:
+                tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
+                os.replace(tmp, self._tally_file)
         except OSError as exc:
             self._sink_error("tally", exc)
 

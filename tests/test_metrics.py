@@ -1,4 +1,4 @@
-"""Metrics: cumulative actor stats -> counter increments (restarts included), GPU gauges, HTTP."""
+"""Metrics: a display of the accounting's totals and the actors' gauges, GPU gauges, HTTP."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+from peaknet_daemon.accounting import Accounting
 from peaknet_daemon.metrics import Metrics
 
 
-def stats(actor="a0", received=0, processed=0, rejected=None, peaks=0, hits=0, **kw):
-    return {"actor": actor, "received": received, "processed": processed, "rejected": rejected or {},
-            "missing": kw.pop("missing", 0), "peaks": peaks, "hits": hits, **kw}
+def stats(actor="a0", received=0, processed=0, rejected=None, peaks=0, hits=0, index=0, incarnation="i0", **kw):
+    return {"actor": actor, "index": index, "incarnation": incarnation, "received": received,
+            "processed": processed, "rejected": rejected or {}, "peaks": peaks, "hits": hits,
+            "runs": [], "controls": [], **kw}
 
 
 class Clock:
@@ -23,15 +25,21 @@ class Clock:
         return self.t
 
 
-def test_cumulative_totals_become_increments():
+def show(m: Metrics, acc: Accounting, polled: list[dict]) -> None:
+    """One supervisor round: the accounting folds the stats, metrics display its totals."""
+    acc.observe(polled, 0.0)
+    m.update(acc.totals(), polled)
+
+
+def test_totals_become_counters_and_stats_feed_histograms():
     clock = Clock()
-    m = Metrics(clock=clock)
-    m.update_from_stats([stats("a0", 10, 8, {"wrong_shape": 2}, peaks=30, hits=3, batch_sizes=[4, 4],
-                               latencies_s=[0.01, 0.02]),
-                         stats("a1", 5, 5, peaks=5)])
+    m, acc = Metrics(clock=clock), Accounting(grace_s=10)
+    show(m, acc, [stats("a0", 10, 8, {"wrong_shape": 2}, peaks=30, hits=3, batch_sizes=[4, 4],
+                        latencies_s=[0.01, 0.02]),
+                  stats("a1", 5, 5, peaks=5, index=1)])
     clock.t += 2.0
-    m.update_from_stats([stats("a0", 30, 26, {"wrong_shape": 3, "not_msgpack": 1}, peaks=90, hits=9, batch_sizes=[8]),
-                         stats("a1", 5, 5, peaks=5)])
+    show(m, acc, [stats("a0", 30, 26, {"wrong_shape": 3, "not_msgpack": 1}, peaks=90, hits=9, batch_sizes=[8]),
+                  stats("a1", 5, 5, peaks=5, index=1)])
     t = m.totals()
     assert t["frames_received"] == 35 and t["frames_processed"] == 31
     assert t["peaks_found"] == 95 and t["hits"] == 9
@@ -42,42 +50,35 @@ def test_cumulative_totals_become_increments():
     assert m.value("latency_seconds_count") == 2
 
 
-def test_restart_counts_new_totals_fresh():
-    m = Metrics()
-    m.update_from_stats([stats("a0", 100, 90, {"non_finite": 4}, peaks=500, restarts=0)])
-    # the actor died and came back: its totals start again from zero
-    m.update_from_stats([stats("a0", 7, 6, {"non_finite": 1}, peaks=20, restarts=1)])
+def test_a_restart_shows_the_accountings_totals():
+    m, acc = Metrics(), Accounting(grace_s=10)
+    show(m, acc, [stats("a0", 100, 90, {"non_finite": 4}, peaks=500, in_flight=6)])
+    # the actor died and came back under a new incarnation: its totals start again from zero
+    show(m, acc, [stats("a0", 7, 6, {"non_finite": 1}, peaks=20, incarnation="i1")])
     t = m.totals()
     assert t["frames_received"] == 107 and t["frames_processed"] == 96 and t["peaks_found"] == 520
     assert t["frames_rejected"] == {"non_finite": 5}
     assert t["actor_restarts"] == 1
-    assert t["frames_lost_in_restart"] == 6  # 100 received - 90 processed - 4 rejected, in flight
-    # after the restart, increments are relative to the new totals again
-    m.update_from_stats([stats("a0", 10, 9, {"non_finite": 1}, peaks=25, restarts=1)])
+    assert t["frames_lost_in_restart"] == 6  # what the dead incarnation had in flight
+    show(m, acc, [stats("a0", 10, 9, {"non_finite": 1}, peaks=25, incarnation="i1")])
     assert m.totals()["frames_received"] == 110 and m.totals()["actor_restarts"] == 1
 
 
-def test_restart_detected_by_a_total_going_down_without_restarts_key():
+def test_gauges_sink_errors_thread_failures_and_drops():
     m = Metrics()
-    m.update_from_stats([stats("a0", 50, 50)])
-    m.update_from_stats([stats("a0", 3, 3)])
-    t = m.totals()
-    assert t["frames_received"] == 53 and t["actor_restarts"] == 1 and t["frames_lost_in_restart"] == 0
-    m.record_restart(frames_lost=4)
-    assert m.totals()["actor_restarts"] == 2 and m.totals()["frames_lost_in_restart"] == 4
-
-
-def test_gauges_and_sink_errors():
-    m = Metrics()
-    m.update_from_stats([stats("a0", rss_bytes=123, device_mem_bytes=456, sink_errors={"cxi": 2}),
-                         stats("a1", alive=False)])
-    m.update_from_stats([stats("a0", rss_bytes=124, device_mem_bytes=456, sink_errors={"cxi": 5, "results": 1}),
-                         stats("a1", alive=False)])
+    m.update({"sink_errors": {"cxi": 2}, "thread_failures": {"results": 1}, "results_dropped": {"hwm": 3}},
+             [stats("a0", rss_bytes=123, device_mem_bytes=456, in_flight=4, health={"healthy": False})])
+    m.update({"sink_errors": {"cxi": 5, "results": 1}, "thread_failures": {"results": 1},
+              "results_dropped": {"hwm": 7}}, [stats("a0", rss_bytes=124, device_mem_bytes=456)])
     assert m.value("process_rss_bytes", {"process": "a0"}) == 124
     assert m.value("process_rss_bytes", {"process": "supervisor"}) > 0
     assert m.value("device_memory_allocated_bytes", {"actor": "a0"}) == 456
-    assert m.totals()["sink_errors"] == {"cxi": 5, "results": 1}
-    assert m.totals()["actors_alive"] == 1
+    assert m.value("frames_in_flight", {"actor": "a0"}) == 4
+    assert m.value("actor_healthy", {"actor": "a0"}) == 0
+    t = m.totals()
+    assert t["sink_errors"] == {"cxi": 5, "results": 1}
+    assert t["thread_failures"] == {"results": 1} and t["results_dropped"] == {"hwm": 7}
+    assert t["actors_alive"] == 1
 
 
 def fake_nvml(fail_init=False):
@@ -134,7 +135,7 @@ def get(url):
 def test_http_endpoint():
     state = {"healthy": True, "ready": False}
     m = Metrics()
-    m.update_from_stats([stats("a0", 12, 11, {"bad_header": 1})])
+    m.update({"received": 12, "processed": 11, "rejected": {"bad_header": 1}})
     server, port = m.serve("127.0.0.1", 0, healthy=lambda: state["healthy"], ready=lambda: state["ready"])
     try:
         assert port > 0
@@ -157,22 +158,17 @@ def test_http_endpoint():
 
 def test_two_instances_do_not_share_state():
     a, b = Metrics(), Metrics()
-    a.update_from_stats([stats("x", 5, 5)])
+    a.update({"received": 5, "processed": 5})
     assert a.totals()["frames_received"] == 5 and b.totals()["frames_received"] == 0
 
 
-def test_supervisor_totals_are_authoritative():
+def test_counters_never_go_back_and_a_set_rate_stays():
     m = Metrics()
-    m.update_from_stats([stats("a0", 10, 8, missing=3, incarnation="x1")], missing_total=2,
-                        lost_in_restart_total=0, actors_alive=3)
-    # a new incarnation is a restart even when totals went up; the supervisor counted the loss
-    m.update_from_stats([stats("a0", 12, 12, incarnation="x2", restarts=1)], missing_total=5,
-                        lost_in_restart_total=2, actors_alive=3)
+    m.update({"received": 10, "missing": 2, "lost_in_restart": 1, "restarts": 1}, actors_alive=3)
+    m.update({"received": 8, "missing": 5, "lost_in_restart": 1, "restarts": 1}, actors_alive=3)
     t = m.totals()
-    assert t["frames_missing"] == 5          # the actors' 'missing' keys are ignored
-    assert t["frames_lost_in_restart"] == 2  # no estimate of our own on top
+    assert t["frames_received"] == 10 and t["frames_missing"] == 5 and t["frames_lost_in_restart"] == 1
     assert t["actor_restarts"] == 1 and t["actors_alive"] == 3
-    assert t["frames_received"] == 22        # 10, then 12 fresh after the restart
     m.set_rate(42.5)
-    m.update_from_stats([stats("a0", 20, 20, incarnation="x2", restarts=1)])
+    m.update({"received": 20})
     assert m.totals()["rate_fps"] == 42.5    # not overwritten once the caller sets it
