@@ -164,6 +164,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The live page at /monitor on the metrics HTTP server (daemon/monitor/)."""
+
+    enabled: bool = _f(False, doc="serve /monitor (needs metrics.enabled); actors then sample hits for it")
+    max_hits_per_s: float = _f(2.0, 0.0, 100.0, doc="hit frames each actor copies out for the page, per second")
+    latest_hits: int = _f(4, 1, 32, doc="latest hits shown with their peaks")
+    history_s: float = _f(600.0, 10.0, 86400.0, doc="time span of the hit rate and frame rate plots")
+    downsample: int = _f(4, 1, 64, doc="hit images and the virtual powder: pixels per side per shown pixel")
+    max_results_per_poll: int = _f(50000, 100, 10_000_000,
+                                   doc="frame summaries an actor holds between two stats polls; more are "
+                                       "dropped from the page's views and counted")
+    refresh_s: float = _f(1.0, 0.1, 1.0, doc="how often the page polls the daemon")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
     level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
@@ -178,6 +193,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 

@@ -27,6 +27,7 @@ from .config import Config, OutputConfig, SocketConfig
 from .ingest import FrameTag, SocketReader, socket_endpoint
 from .log import RateLimitedLog, get_logger
 from .metrics import process_rss_bytes
+from .monitor import HitSampler
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
 from .sinks.cxi_runs import CxiRunWriters
@@ -73,6 +74,7 @@ class Worker:
         self._batch_sizes: deque[int] = deque(maxlen=SAMPLES_KEPT)
         self._latencies: deque[float] = deque(maxlen=SAMPLES_KEPT)
         self._reject_log = RateLimitedLog(cfg.ingest.reject_log_interval_s)
+        self._monitor = HitSampler(cfg.monitor, cfg.output.hit_threshold) if cfg.monitor.enabled else None
         self._stop_ingest = threading.Event()
         self._give_up = threading.Event()
         self._stop_results = threading.Event()
@@ -162,11 +164,12 @@ class Worker:
 
     # ------------------------------------------------------------------ results
     def _keep_input(self, peaks: FramePeaks) -> bool:
-        """Which frames' data the CXI writer needs (copied out before the slot is reused)."""
+        """Which frames' data the CXI writer or the monitor needs (copied out before the slot is reused)."""
         out = self.cfg.output
+        monitor = self._monitor is not None and self._monitor.wants_frame(peaks.n_peaks)
         if not out.cxi_dir or out.save_frames == "none":
-            return False
-        return out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
+            return monitor
+        return monitor or out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
 
     def _collect(self, block: bool) -> list[BatchResult]:
         """Finished batches; a batch the device failed on is counted and logged, never fatal."""
@@ -197,6 +200,8 @@ class Worker:
             hits += result["hit"]
             if deliver:
                 self._deliver(result, None if inputs is None else inputs[i])
+            if self._monitor is not None:
+                self._monitor.offer(result, None if inputs is None else inputs[i])
             with self._stats_lock:
                 self._latencies.append(result["latency_ms"] / 1e3)
                 tally = self._runs.setdefault((tag.source, tag.run), [0, tag.seq, tag.seq])
@@ -235,7 +240,7 @@ class Worker:
             batch_sizes, latencies = list(self._batch_sizes), list(self._latencies)
             self._batch_sizes.clear()
             self._latencies.clear()
-            return {
+            out = {
                 "actor": self.name, "index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
                 "received": self._received, "processed": self._processed, "peaks": self._peaks,
                 "hits": self._hits, "rejected": dict(self._rejected), "sink_errors": dict(self._sink_errors),
@@ -244,6 +249,9 @@ class Worker:
                 "rss_bytes": process_rss_bytes(),
                 "device_mem_bytes": self._device_memory(),
             }
+        if self._monitor is not None:
+            out["monitor"] = self._monitor.drain()  # the live page's side channel (daemon/monitor/)
+        return out
 
     def _device_memory(self) -> int:
         import torch
