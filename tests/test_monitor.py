@@ -429,3 +429,13 @@ def test_worker_offers_summaries_and_rate_limited_hit_frames(tmp_path):
     for s, image in hits:
         assert s["hit"] and image.shape == (2, 16, 16)
         np.testing.assert_array_equal(image, block_max(frames[s["seq"]], 4))
+
+
+def test_gray_scale_is_not_set_by_a_few_hot_pixels():
+    from peaknet_daemon.monitor.images import to_gray
+    image = np.random.default_rng(0).poisson(1.0, (200, 200)).astype(np.float32)
+    image[np.arange(10) * 7, 3] = 60000.0  # hot pixels
+    image[50, 50:53] = 30.0  # a peak
+    gray = to_gray(image)
+    assert gray[0, 3] == 255 and gray[50, 51] == 255 and np.median(gray) == 0
+    assert not to_gray(np.zeros((3, 3))).any()

@@ -42,12 +42,17 @@ def tile_positions(panel: np.ndarray, y: np.ndarray, x: np.ndarray, panels: int,
     return row, col
 
 
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """A detector image -> uint8: log of the signal above the median, up to its maximum."""
+def to_gray(image: np.ndarray, saturate: float = 99.95) -> np.ndarray:
+    """A detector image -> uint8: log of the signal above the median, white from the
+    `saturate` percentile up (a few hot pixels would otherwise set the scale)."""
     image = np.nan_to_num(np.asarray(image, np.float32))
+    if not image.size:
+        return np.zeros(image.shape, np.uint8)
     signal = np.log1p(np.maximum(image - np.median(image), 0.0))
-    top = float(signal.max()) if signal.size else 0.0
-    return (signal * (255.0 / top)).astype(np.uint8) if top > 0 else np.zeros(image.shape, np.uint8)
+    top = float(np.percentile(signal, saturate)) or float(signal.max())
+    if top <= 0:
+        return np.zeros(image.shape, np.uint8)
+    return (np.minimum(signal / top, 1.0) * 255.0).astype(np.uint8)
 
 
 def to_heat(counts: np.ndarray) -> np.ndarray:

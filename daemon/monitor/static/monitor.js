@@ -167,8 +167,9 @@ function render(s) {
   fillTable("actors", s.actors.map((a) => [a.name, a.alive ? "yes" : "no", fmt(a.rate_fps, 1), fmt(a.p50_ms, 1),
     fmt(a.p99_ms, 1), fmt(a.received),
     Object.entries(a.rejected).map(([k, v]) => k + ": " + v).join(", ") || "0", fmt(a.restarts)]));
-  fillTable("gpus", s.gpus.map((g) => [g.gpu, fmt(g.utilization_percent) + " %",
-    fmt((g.memory_used_bytes || 0) / 2 ** 30, 1) + " GiB", fmt(g.temperature_celsius) + " \u00b0C"]));
+  fillTable("gpus", s.gpus.length ? s.gpus.map((g) => [g.gpu, fmt(g.utilization_percent) + " %",
+    fmt((g.memory_used_bytes || 0) / 2 ** 30, 1) + " GiB", fmt(g.temperature_celsius) + " \u00b0C"])
+    : [["none (CPU actors, or no NVML)", "", "", ""]]);
   document.body.dataset.updated = String(s.time);
 }
 
