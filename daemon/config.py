@@ -294,6 +294,9 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
     if not cfg.ingest.sockets:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
+    if cfg.monitor.enabled and not cfg.metrics.enabled:
+        raise ConfigError("monitor.enabled", True, "the page is served on the metrics server: "
+                          "needs metrics.enabled", src)
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:

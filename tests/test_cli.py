@@ -59,7 +59,7 @@ def test_check_prints_the_resolved_config(name):
     assert resolved["model"]["depths"] == preset["depths"]
     assert resolved["pipeline"]["frame_shape"] == given["pipeline"]["frame_shape"]
     assert resolved["gpus"] == {**resolved["gpus"], **given["gpus"]}
-    assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "metrics", "logging"}
+    assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "metrics", "monitor", "logging"}
 
 
 def test_check_without_config_uses_builtin_defaults(capsys):

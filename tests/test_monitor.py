@@ -129,7 +129,7 @@ def test_state_totals_histogram_and_virtual_powder_in_slab_layout():
                     summary(3, 1, 991.9, panel=[9], y=[1], x=[1])])  # panel 9 does not exist
     snap = st.snapshot()
     assert snap["totals"] == {"frames": 4, "hits": 2, "peaks": 9, "missing": 0, "dropped": 0,
-                              "bad_peaks": 1, "bad_hits": 0}
+                              "bad_peaks": 1, "bad_hits": 0, "errors": 0}
     assert snap["current_run"] == "1"
     assert snap["histogram"]["counts"] == [1, 1, 0, 1, 0, 1]
     powder = st.powder()
@@ -379,6 +379,18 @@ def test_monitor_config_defaults_and_shipped_configs():
     assert beamline.monitor.enabled and beamline.metrics.enabled and beamline.metrics.interval_s <= 1.0
     with pytest.raises(ValueError, match="monitor.refresh_s"):
         config_from_dict({"monitor": {"refresh_s": 5}})
+    with pytest.raises(ValueError, match="needs metrics.enabled"):
+        config_from_dict({"monitor": {"enabled": True}, "metrics": {"enabled": False}})
+
+
+def test_a_broken_side_channel_is_counted_not_fatal():
+    st = make_state(Clock())
+    st.update([{"actor": "h/0", "processed": 1, "monitor": {"results": [{"run": 1}], "hits": [], "dropped": 2}},
+               {"actor": "h/1", "processed": 1, "monitor": {"results": [summary(0, 3, 990.0)], "hits": "garbage"}}])
+    snap = st.snapshot()
+    assert snap["totals"]["errors"] == 2 and snap["totals"]["frames"] == 1 and snap["totals"]["dropped"] == 2
+    assert [a["dropped"] for a in snap["actors"]] == [2, 0]
+    assert {a["name"] for a in snap["actors"]} == {"h/0", "h/1"}
 
 
 # ---------------------------------------------------------------------------------- worker glue

@@ -22,7 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import MonitorConfig
+from ..log import get_logger
 from .images import encode_png, grid, tile, tile_positions, to_gray, to_heat
+
+log = get_logger("peaknet.monitor")
 
 MAX_RUNS = 8  # runs kept (totals, series, histogram, powder); the oldest is dropped first
 MIN_SPAN_S = 30  # the rate plots span at least this many seconds
@@ -103,6 +106,7 @@ class MonitorState:
         self._actors: dict[str, _Actor] = {}
         self._gpus: list[dict] = []
         self._missing = 0
+        self._errors = 0  # side-channel summaries or payloads that could not be read
         self._reset_locked()
 
     def _reset_locked(self) -> None:
@@ -120,14 +124,20 @@ class MonitorState:
         """One supervisor poll: each actor's stats dict, with its 'monitor' side channel (from
         HitSampler.drain) when the actor has one."""
         stats = list(stats)
+        self.update_actors(stats, missing_total, gpus)
         for s in stats:
             side = s.get("monitor")
-            if side:
+            if not side:
+                continue
+            try:
                 self.add_results(side.get("results", ()), dropped=int(side.get("dropped", 0)),
                                  actor=str(s.get("actor", "?")))
                 for summary, image in side.get("hits", ()):
                     self.add_hit(summary, image)
-        self.update_actors(stats, missing_total, gpus)
+            except Exception as exc:  # the page must never take the supervisor down
+                with self._lock:
+                    self._errors += 1
+                log.warning("monitor_update_failed", actor=s.get("actor"), error=repr(exc))
 
     def add_results(self, summaries: Iterable[dict], dropped: int = 0, actor: str | None = None) -> None:
         """Per-frame summaries (see the module docstring); `dropped` more were not sent."""
@@ -139,22 +149,27 @@ class MonitorState:
                 self._actors[actor].dropped += dropped
             positions: dict[str, list[tuple]] = {}
             for s in summaries:
-                key = run_key(s["run"])
+                try:  # everything is read before anything changes: a bad summary is skipped whole
+                    key, t, n, hit, source = (run_key(s["run"]), float(s["t"]), int(s["n_peaks"]), bool(s["hit"]),
+                                              str(s["source"]))
+                    peaks = (np.asarray(s["panel"]), np.asarray(s["y"]), np.asarray(s["x"])) if n else None
+                except (KeyError, TypeError, ValueError):
+                    self._errors += 1
+                    continue
                 run = self._run(key, s["run"])
-                t, n = float(s["t"]), int(s["n_peaks"])
                 run.frames += 1
-                run.hits += bool(s["hit"])
+                run.hits += hit
                 run.peaks += n
                 run.first_t, run.last_t = min(run.first_t, t), max(run.last_t, t)
-                run.sources.add(str(s["source"]))
+                run.sources.add(str(source))
                 run.histogram[min(n, HIST_CAP)] += 1
                 bucket = run.seconds.setdefault(int(t), [0, 0])
                 bucket[0] += 1
-                bucket[1] += bool(s["hit"])
+                bucket[1] += hit
                 if t >= self._newest_t:
                     self._newest_t, self._current = t, key
-                if n:
-                    positions.setdefault(key, []).append((s["panel"], s["y"], s["x"]))
+                if peaks is not None:
+                    positions.setdefault(key, []).append(peaks)
             for key, cols in positions.items():
                 panel = np.concatenate([np.asarray(c[0], np.int64) for c in cols])
                 y = np.floor(np.concatenate([np.asarray(c[1], np.float64) for c in cols]) + 0.5).astype(np.int64) // f
@@ -247,7 +262,7 @@ class MonitorState:
                 "totals": {"frames": sum(r.frames for _, r in runs), "hits": sum(r.hits for _, r in runs),
                            "peaks": sum(r.peaks for _, r in runs), "missing": self._missing,
                            "dropped": self._dropped, "bad_peaks": self._bad_peaks,
-                           "bad_hits": self._bad_hits},
+                           "bad_hits": self._bad_hits, "errors": self._errors},
                 "current_run": self._current,
                 "runs": [self._run_row(k, r) for k, r in runs],
                 "series": self._series(now),
