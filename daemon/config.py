@@ -204,6 +204,21 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The live page at /monitor on the metrics HTTP server (daemon/monitor/)."""
+
+    enabled: bool = _f(False, doc="serve /monitor (needs metrics.enabled); actors then sample hits for it")
+    max_hits_per_s: float = _f(2.0, 0.0, 100.0, doc="hit frames each actor copies out for the page, per second")
+    latest_hits: int = _f(4, 1, 32, doc="latest hits shown with their peaks")
+    history_s: float = _f(600.0, 10.0, 86400.0, doc="time span of the hit rate and frame rate plots")
+    downsample: int = _f(4, 1, 64, doc="hit images and the virtual powder: pixels per side per shown pixel")
+    max_results_per_poll: int = _f(50000, 100, 10_000_000,
+                                   doc="frame summaries an actor holds between two stats polls; more are "
+                                       "dropped from the page's views and counted")
+    refresh_s: float = _f(1.0, 0.1, 1.0, doc="how often the page polls the daemon")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
     level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
@@ -220,6 +235,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
@@ -333,6 +349,9 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
     if cfg.shutdown.drain_s >= cfg.shutdown.timeout_s:
         raise ConfigError("shutdown.drain_s", cfg.shutdown.drain_s, "must be below shutdown.timeout_s", src)
+    if cfg.monitor.enabled and not cfg.metrics.enabled:
+        raise ConfigError("monitor.enabled", True, "the page is served on the metrics server: "
+                          "needs metrics.enabled", src)
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:

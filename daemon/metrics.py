@@ -58,6 +58,7 @@ class Metrics:
         self._rate_processed = 0.0
         self._rate_external = False
         self._server: WSGIServer | None = None
+        self._mounts: dict[str, Callable] = {}  # path prefix -> WSGI app (e.g. /monitor)
         r = self.registry
 
         def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
@@ -213,8 +214,13 @@ class Metrics:
     # HTTP
     # ------------------------------------------------------------------------------------------
 
+    def mount(self, prefix: str, app: Callable) -> None:
+        """Route `prefix` and everything under it to another WSGI app (before serve())."""
+        self._mounts[prefix.rstrip("/")] = app
+
     def wsgi_app(self) -> Callable:
-        """/metrics (Prometheus text), /healthz and /readyz (200 or 503 from the callables)."""
+        """/metrics (Prometheus text), /healthz and /readyz (200 or 503 from the callables),
+        and the mounted apps."""
         metrics_app = make_wsgi_app(self.registry)
 
         def probe(check: Callable[[], bool], start_response: Callable) -> list[bytes]:
@@ -233,6 +239,9 @@ class Metrics:
                 return probe(self.ready, start_response)
             if path in ("/metrics", "/"):
                 return metrics_app(environ, start_response)
+            for prefix, mounted in self._mounts.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    return mounted(environ, start_response)
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
 

@@ -29,6 +29,7 @@ from .config import Config
 from .gpu_health import check_gpus, check_node_task, format_table, healthy_visible_devices
 from .log import RateLimitedLog, get_logger
 from .metrics import Metrics
+from .monitor import PREFIX as MONITOR_PREFIX, MonitorState, gpu_readings, monitor_app
 from .sdnotify import SdNotifier
 from .worker import tally_path
 
@@ -78,6 +79,10 @@ class Supervisor:
         self.notifier = notifier or SdNotifier()
         self.metrics = Metrics()
         self.accounting = Accounting(cfg.ingest.run_end_grace_s)
+        self.monitor = (MonitorState(cfg.monitor, cfg.pipeline.frame_shape, cfg.output.hit_threshold,
+                                     cfg.metrics.interval_s) if cfg.monitor.enabled else None)
+        if self.monitor is not None:
+            self.metrics.mount(MONITOR_PREFIX, monitor_app(self.monitor))
         self.actors: list[_ActorState] = []
         self.metrics_port: int | None = None
         self._server = None
@@ -205,6 +210,8 @@ class Supervisor:
         self._server, self.metrics_port = self.metrics.serve(m.host, m.port, healthy=self.healthy,
                                                             ready=self.ready)
         log.info("metrics_serving", url=f"http://{m.host}:{self.metrics_port}/metrics")
+        if self.monitor is not None:
+            log.info("monitor_serving", url=f"http://{m.host}:{self.metrics_port}{MONITOR_PREFIX}/")
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_loop < 5 * self.cfg.metrics.interval_s + 10
@@ -294,6 +301,8 @@ class Supervisor:
                    settled_by=outcome.how, files=files)
         self.metrics.update(self.accounting.totals(), stats, actors_alive=sum(a.alive for a in self.actors))
         self.metrics.update_gpus()
+        if self.monitor is not None:
+            self.monitor.update(stats, missing_total=self.accounting.missing, gpus=gpu_readings(self.metrics.registry))
         processed = self.total_processed()
         t0, n0 = self._rate
         if now > t0:

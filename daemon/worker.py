@@ -39,6 +39,7 @@ from .ingest import FrameTag, socket_endpoint
 from .ingest_process import IngestProcess, SocketSpec, default_processes, plan_sockets, tag_from_wire
 from .log import RateLimitedLog, get_logger
 from .metrics import process_rss_bytes
+from .monitor import HitSampler
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
 from .shm_ring import CONTROLS, COLUMNS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, REJECTED0, SharedRing
@@ -99,6 +100,7 @@ class Worker:
         self._tally_lock = threading.Lock()  # dispatch (controls) and results (batches) both write it
         self._stopping = threading.Event()
         self._done = threading.Event()  # set when the result thread may finish (everything collected)
+        self._monitor = HitSampler(cfg.monitor, cfg.output.hit_threshold) if cfg.monitor.enabled else None
         self._library_lock = threading.Lock()
         self._library_frames = 0
         self._dispatch_over = threading.Event()  # the dispatch thread has handed over its last batch
@@ -358,11 +360,12 @@ class Worker:
 
     # ------------------------------------------------------------------ results thread
     def _keep_input(self, peaks: FramePeaks) -> bool:
-        """Which frames' data the CXI writer needs (copied out before the slot is reused)."""
+        """Which frames' data the CXI writer or the monitor needs (copied out before the slot is reused)."""
         out = self.cfg.output
+        monitor = self._monitor is not None and self._monitor.wants_frame(peaks.n_peaks)
         if not out.cxi_dir or out.save_frames == "none":
-            return False
-        return out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
+            return monitor
+        return monitor or out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
 
     def _collect(self, block: bool) -> list[BatchResult]:
         """Finished batches; a batch the device failed on is counted and logged, never fatal."""
@@ -401,6 +404,8 @@ class Worker:
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
             if deliver:
                 self._deliver(result, None if inputs is None else inputs[i])
+            if self._monitor is not None:
+                self._monitor.offer(result, None if inputs is None else inputs[i])
             with self._stats_lock:
                 self._held_results.pop(0)
                 self._processed += 1
@@ -524,7 +529,7 @@ class Worker:
             self._batch_sizes.clear()
             self._latencies.clear()
             self._controls.clear()
-            return {
+            out = {
                 "actor": self.name, "index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
                 **self._counts(), "peaks": self._peaks, "hits": self._hits,
                 "sink_errors": dict(self._sink_errors),
@@ -536,6 +541,9 @@ class Worker:
                 "health": health, "workers": workers,
                 "results_dropped": dict(self._stream.dropped) if self._stream is not None else {},
             }
+        if self._monitor is not None:
+            out["monitor"] = self._monitor.drain()  # the live page's side channel (daemon/monitor/)
+        return out
 
     def _device_memory(self) -> int:
         import torch

@@ -12,6 +12,10 @@ The `ingest-only` model finds nothing at no cost: its row is what ingest alone m
   python tools/bench_daemon.py                          # CPU: tiny frames, a quick look
   python tools/bench_daemon.py --frame-shape 16,352,384 --precision bf16 --compile \
       --models ingest-only,peaknet-atto,peaknet-small --producers 1,2,4,8   # the GPU table in the README
+
+With --monitor the live page is on (monitor.enabled) and a thread does what an open browser
+does: fetch /monitor/state.json, the latest hits' PNGs and the powder every refresh_s.
+`--hit-threshold 0` makes every frame a hit, so the monitor's hit sampling is always busy.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -61,10 +67,42 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
         "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
                                for port in ports]},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
-                   "hit_threshold": 10, "cxi_dir": ""},
+                   "hit_threshold": args.hit_threshold, "cxi_dir": ""},
         "metrics": {"port": metrics_port, "interval_s": 1.0},
+        "monitor": {"enabled": args.monitor},
         "logging": {"format": "json", "level": args.log_level},
     }
+
+
+class PageReader:
+    """What an open /monitor page fetches, every second, in a thread (--monitor)."""
+
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}/monitor/"
+        self.polls = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+            return r.read()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                state = json.loads(self._get("state.json"))
+                for hit in state["hits"]:
+                    self._get(f"hit/{hit['id']}.png")
+                if state["powder"]:
+                    self._get(f"powder.png?run={state['powder']['run']}")
+                self.polls += 1
+            except OSError:
+                self.errors += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def producers(ports: list[int], args, frames: int, rate: float) -> list[subprocess.Popen]:
@@ -141,8 +179,10 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
     daemon = subprocess.Popen([sys.executable, "-m", "peaknet_daemon.cli", "--config", str(cfg_path)], env=env,
                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     rows = []
+    page = None
     try:
         wait_ready(mport, daemon, timeout=args.timeout)
+        page = PageReader(mport) if args.monitor else None
         for k in ks:
             # warm-up (compile, allocator), then the max-rate run, then 80% of it for latency
             for p in producers(ports[:k], args, args.warmup, 0):
@@ -158,6 +198,7 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals),
                    "host_cores": (cpu1 - cpu0) / (t1 - t0)}
             row["gb_s"] = row["fps"] * frame_bytes(args) / 1e9
+            row["monitor"] = args.monitor
             rate80 = 0.8 * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
@@ -172,6 +213,9 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
         sys.stderr.write(log_path.read_text()[-4000:])
         raise
     finally:
+        if page is not None:
+            page.stop()
+            print(f"{model}: monitor page polled {page.polls} times, {page.errors} errors", flush=True)
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(timeout=120)
@@ -216,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-seconds", type=float, default=4.0)
     p.add_argument("--seconds", type=float, default=5.0, help="model-only measurement time")
     p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
+    p.add_argument("--monitor", action="store_true", help="live page on, read every second as a browser would")
+    p.add_argument("--hit-threshold", type=int, default=10, help="output.hit_threshold (0: every frame is a hit)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--log-level", default="warning", help="the daemon's log level")
     p.add_argument("--log-dir", help="write the daemon logs here (default: a temporary folder)")
@@ -232,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             row["model_only_fps"] = mo
             row["ratio"] = row["fps"] / mo
             rows.append(row)
-            print(f"{row['model']:14s} K={row['producers']}  end-to-end {row['fps']:8.1f} frames/s "
+            print(f"{row['model']:14s} K={row['producers']}{' monitor' if args.monitor else ''}  end-to-end {row['fps']:8.1f} frames/s "
                   f"({row['gb_s']:.2f} GB/s)  model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f}", flush=True)

@@ -4,10 +4,15 @@ Starts `peaknet-daemon --config configs/demo-cpu.yaml` (embedded Ray, one CPU ac
 PeakNet-atto), replays producers/data/sample_run.h5 (20 simulated epix10k2M frames) with
 `peaknet-producer replay`, reads the results stream, compares each frame's peaks with the run's
 ground truth and prints a table; the CXI files land in out/demo/.
+
+`python tools/demo.py --monitor-screenshot docs/monitor.png` also turns the live page on and
+saves headless Chromium's picture of it once the run is in (the README's screenshot).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import signal
@@ -23,6 +28,7 @@ import numpy as np
 import yaml
 import zmq
 
+from browser import find_chromium, screenshot
 from daemon_process import free_port, wait_ready
 
 from peaknet_daemon.evaluation import PeakList, match_frame
@@ -47,7 +53,24 @@ def scrape(port: int, until_processed: int, timeout: float = 10) -> list[str]:
         time.sleep(0.5)  # polling another process's HTTP endpoint
 
 
-def main() -> int:
+def monitor_screenshot(port: int, frames: int, out: Path, timeout: float = 30) -> None:
+    """Once the live page has every frame: headless Chromium's picture of it."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise RuntimeError("no Chromium found for --monitor-screenshot (apt-get install chromium)")
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/monitor/state.json", timeout=5) as r:
+            if json.loads(r.read())["totals"]["frames"] >= frames or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)  # polling another process's HTTP endpoint
+    print(f"demo: monitor screenshot {screenshot(chromium, f'http://127.0.0.1:{port}/monitor/', out)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--monitor-screenshot", type=Path, help="turn the live page on and save its picture here")
+    args = p.parse_args(argv)
     cfg = yaml.safe_load((ROOT / "configs" / "demo-cpu.yaml").read_text())
     in_port, res_port, met_port = free_port(), free_port(), free_port()
     cfg["ingest"]["sockets"][0]["endpoint"] = f"tcp://127.0.0.1:{in_port}"
@@ -57,6 +80,8 @@ def main() -> int:
     cfg["output"]["cxi_dir"] = str(out_dir)
     cfg["metrics"]["port"] = met_port
     cfg["logging"]["level"] = "warning"
+    if args.monitor_screenshot:
+        cfg["monitor"] = {"enabled": True}
     tmp = Path(tempfile.mkdtemp(prefix="peaknet-demo-"))
     cfg_path = tmp / "demo.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -83,6 +108,8 @@ def main() -> int:
         while len(results) < FRAMES and poller.poll(120_000):
             results.append(msgpack.unpackb(pull.recv(), raw=False))
         metrics = scrape(met_port, until_processed=len(results))
+        if args.monitor_screenshot:
+            monitor_screenshot(met_port, len(results), args.monitor_screenshot)
     finally:
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(timeout=120)

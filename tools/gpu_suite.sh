@@ -11,6 +11,7 @@
 #   tools/gpu_suite.sh runtime2   # bench_daemon peaknet-atto uint16 K = 1, 2, 4, 8 and peaknet-small
 #                                 # float32 K = 1, 2, 4, 8 (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
+#   tools/gpu_suite.sh monitor    # bench_daemon peaknet-atto K=1, live page off/on/off/on (~300 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -59,6 +60,25 @@ runtime2_steps() {
   bench_daemon_row bench_small_f32 240 --models peaknet-small --producers 1,2,4,8 --frames 1600 --dtype float32 \
     --compile --compile-mode reduce-overhead
 }
+monitor_steps() {  # the live page's overhead: every frame a hit, the page read every second
+  for i in 1 2; do
+    for m in off on; do
+      step "bench_monitor_${m}_$i" 140 python3 tools/bench_daemon.py --models peaknet-atto --producers 1 --compile \
+        --compile-mode reduce-overhead --frames 3000 --seconds 3 --latency-seconds 3 --timeout 120 --hit-threshold 0 \
+        $([ $m = on ] && echo --monitor) --log-dir "$OUT" --json "$OUT/bench_monitor_${m}_$i.json"
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+rows = {p.stem: json.loads(p.read_text())[0] for p in sorted(pathlib.Path(sys.argv[1]).glob("bench_monitor_*.json"))}
+for name, r in rows.items():
+    print(f"{name}: {r['fps']:.1f} frames/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+off = [r["fps"] for n, r in rows.items() if "_off_" in n]
+on = [r["fps"] for n, r in rows.items() if "_on_" in n]
+if off and on:
+    print(f"monitor on / off: {sum(on) / len(on) / (sum(off) / len(off)):.3f} (target >= 0.98)")
+PY
+}
 case ${1:-} in
   runtime) runtime_steps ;;
   runtime2) runtime2_steps ;;
@@ -68,5 +88,6 @@ case ${1:-} in
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|runtime2|train" >&2; exit 2 ;;
+  monitor) monitor_steps ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|runtime2|train|monitor" >&2; exit 2 ;;
 esac
