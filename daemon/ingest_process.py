@@ -43,6 +43,7 @@ from .wire import Header
 log = get_logger("peaknet.ingest")
 SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
 RECV_BURST = 64  # messages taken off one socket before the others get a turn
+DRAIN_IDLE_MS = 50  # stopping: the sockets' queues are empty when a poll this long finds nothing
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent
         now = time.monotonic()
         counters[HEARTBEAT_NS] = time.monotonic_ns()
         poller = full if filler.has_room() else only_conn
-        events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else 20))
+        events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else DRAIN_IDLE_MS))
         if conn.fileno() in events:
             while conn.poll():
                 msg = msgpack.unpackb(conn.recv_bytes(), raw=False)
@@ -223,8 +224,8 @@ def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent
         if drain_until is not None:
             # Stopping: the sockets' queues are drained when a poll finds nothing to take (or the
             # drain time is up); what was taken is handed over, then the process finishes.
-            idle = took == 0 and not any(s in events for s in by_socket)
-            if (idle and filler.has_room()) or now >= drain_until:
+            idle = poller is full and took == 0 and not any(s in events for s in by_socket)
+            if idle or now >= drain_until:
                 filler.finish()
                 return
 

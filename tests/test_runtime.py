@@ -187,8 +187,9 @@ def test_stop_drains_the_sockets_queues_and_accounts_for_every_message(tmp_path,
     worker = Worker(runtime_config(tmp_path, results.endpoint))
     pusher = Pusher(worker.endpoints[0])
     try:
-        pusher.send(frames)  # queued in the sockets: stop comes before most are taken
+        pusher.send(frames)
         pusher.sock.send_multipart([b"not a header"])
+        wait_stats(worker, lambda s: s["frames_in"] >= 1)  # connected; the rest is queued in the sockets
         final = worker.stop()
     finally:
         pusher.close()
