@@ -164,6 +164,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    curve_server_secret: str = _f("", doc="the daemon's CURVE key pair (.key_secret file, peaknet-keygen); "
+                                          "empty = no CURVE")
+    curve_authorized_dir: str = _f("", doc="folder of the public keys (*.key) of allowed producers and consumers")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
     level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
@@ -178,6 +185,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
@@ -278,6 +286,10 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
     if not cfg.ingest.sockets:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
+    sec = cfg.security
+    if bool(sec.curve_server_secret) != bool(sec.curve_authorized_dir):
+        raise ConfigError("security.curve_authorized_dir", sec.curve_authorized_dir,
+                          "CURVE needs both curve_server_secret and curve_authorized_dir", src)
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:

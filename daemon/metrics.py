@@ -27,9 +27,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Cumulative scalar totals in an actor's stats dict -> the counter they feed.
 _SCALARS = {"received": "frames_received", "processed": "frames_processed", "missing": "frames_missing",
-            "peaks": "peaks_found", "hits": "hits"}
+            "peaks": "peaks_found", "hits": "hits", "peaks_truncated": "peaks_truncated",
+            "auth_failures": "auth_failures", "peer_disconnects": "ingest_disconnects"}
 # Cumulative {label: n} totals -> (counter, label name).
-_LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink")}
+_LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink"),
+             "results_dropped": ("results_dropped", "reason")}
 
 
 def process_rss_bytes() -> int:
@@ -75,6 +77,11 @@ class Metrics:
         self.frames_lost_in_restart = counter("frames_lost_in_restart",
                                               "Frames in flight in an actor when it died (estimate)")
         self.sink_errors = counter("sink_errors", "Errors writing results, by sink", ["sink"])
+        self.peaks_truncated = counter("peaks_truncated", "Weakest peaks left out of CXI rows over the cap")
+        self.results_dropped = counter("results_dropped", "Results not sent (PUB: no subscriber, HWM)", ["reason"])
+        self.auth_failures = counter("auth_failures", "Peers refused by CURVE (handshake failed)")
+        self.ingest_disconnects = counter("ingest_disconnects", "Ingest peers disconnected (a part over "
+                                          "max_message_bytes, or the peer went away)")
         self.batch_size = Histogram(f"{NS}_batch_size", "Frames per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency_seconds = Histogram(f"{NS}_latency_seconds", "Frame receive to result",

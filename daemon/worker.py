@@ -29,6 +29,7 @@ from .log import RateLimitedLog, get_logger
 from .metrics import process_rss_bytes
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
+from .security import SocketGuard
 from .sinks.cxi_runs import CxiRunWriters
 from .sinks.results_stream import ResultStream
 from .wire import Header
@@ -79,7 +80,9 @@ class Worker:
         self._cxi = (CxiRunWriters(cfg, f"w{index}-{self.incarnation[:6]}", lambda exc: self._sink_error("cxi", exc),
                                    queue_frames=2 * cfg.pipeline.batch_size) if cfg.output.cxi_dir else None)
         self._ctx = zmq.Context()
-        self._stream = ResultStream(self._results_cfg(), self._ctx) if cfg.output.results_endpoint else None
+        self._guard = SocketGuard(cfg.security, self._ctx)  # issue 11: CURVE + refused-peer counts
+        self._stream = (ResultStream(self._results_cfg(), self._ctx, secure=self._guard.secure)
+                        if cfg.output.results_endpoint else None)
         self._assembler = BatchAssembler(self.pipeline, cfg.pipeline.max_batch_delay_ms / 1e3, self._give_up)
         self._readers: list[SocketReader] = []
         self._ingest_threads: list[threading.Thread] = []  # readers and the batch timer
@@ -121,7 +124,8 @@ class Worker:
             self.endpoints.append(endpoint)
             for _ in range(sock.threads if sock.mode == "connect" else 1):
                 self._readers.append(SocketReader(self._ctx, sock, endpoint, shape, self.cfg.pipeline.dtype,
-                                                  self._on_frame, self._on_control, self._on_reject))
+                                                  self._on_frame, self._on_control, self._on_reject,
+                                                  secure=self._guard.secure))
             if sock.mode == "bind" and sock.threads > 1:
                 log.warning("bind_socket_single_thread", endpoint=endpoint,
                             detail="a bound endpoint is served by one thread; use several endpoints")
@@ -209,6 +213,8 @@ class Worker:
             self._batch_sizes.append(len(batch.frames))
 
     def _deliver(self, result: dict, frame: np.ndarray | None) -> None:
+        if self._cxi is not None:
+            self._cxi.mark(result)  # issue 11: result['truncated'] before anyone sees the result
         if self._stream is not None:
             try:
                 self._stream.send(result)
@@ -242,8 +248,15 @@ class Worker:
                 "runs": [[s, r, *tally] for (s, r), tally in self._runs.items()], "controls": list(self._controls),
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(),
+                **self._integrity_stats(),
                 "device_mem_bytes": self._device_memory(),
             }
+
+    def _integrity_stats(self) -> dict:
+        """Issue 11 counters: CXI truncation, results dropped (PUB), refused peers."""
+        return {"peaks_truncated": self._cxi.peaks_truncated if self._cxi is not None else 0,
+                "results_dropped": dict(self._stream.dropped) if self._stream is not None else {},
+                "auth_failures": self._guard.auth_failures, "peer_disconnects": self._guard.disconnects}
 
     def _device_memory(self) -> int:
         import torch
@@ -271,6 +284,7 @@ class Worker:
         if self._stream is not None:
             self._stream.close()
         self.pipeline.close()
+        self._guard.close()
         self._ctx.term()
         final = self.stats()
         log.info("worker_stopped", worker=self.name, received=final["received"],

@@ -18,12 +18,9 @@ import numpy as np
 
 from ..config import Config
 from ..log import get_logger
-from . import SinkError
-from .cxi import CxiWriter, default_max_peaks, write_geometry
+from .cxi import CxiWriter, default_max_peaks, ensure_geometry
 
 log = get_logger("peaknet.cxi")
-
-GEOMETRY_FILE = "peaknet-slab.geom"
 
 
 class CxiRunWriters:
@@ -33,10 +30,17 @@ class CxiRunWriters:
     def __init__(self, cfg: Config, prefix: str, on_error: Callable[[Exception], None],
                  queue_frames: int = 32):
         self.cfg, self.prefix, self.on_error = cfg, prefix, on_error
+        self.max_peaks = default_max_peaks(cfg.pipeline.max_peaks, cfg.pipeline.frame_shape[0])
+        self.peaks_truncated = 0  # peaks left out of CXI rows (the weakest of frames over max_peaks)
         self._writers: dict[Any, CxiWriter] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
         self._thread = threading.Thread(target=self._loop, name=f"cxi-{prefix}", daemon=True)
         self._thread.start()
+
+    def mark(self, result: dict) -> None:
+        """Set result['truncated']: the peaks this frame's CXI row leaves out (0: none). Called
+        before the result is sent, so consumers see what the files lack."""
+        result["truncated"] = max(0, int(result["n_peaks"]) - self.max_peaks)
 
     def put(self, result: dict, frame: np.ndarray | None) -> None:
         """Queue one event (blocks while the queue is full)."""
@@ -68,10 +72,15 @@ class CxiRunWriters:
                 extra["files"] = self._close(arg)
                 extra["done"].set()
                 continue
+            writer = None
             try:
-                self._writer(arg["run"]).write(arg, extra)
+                writer = self._writer(arg["run"])
+                before = writer.peaks_truncated
+                writer.write(arg, extra)
             except Exception as exc:  # the writer thread must outlive any bad event or full disk
                 self.on_error(exc)
+            if writer is not None:
+                self.peaks_truncated += writer.peaks_truncated - before
 
     def _writer(self, run: Any) -> CxiWriter:
         writer = self._writers.get(run)
@@ -79,11 +88,9 @@ class CxiRunWriters:
             out, p = self.cfg.output, self.cfg.pipeline
             os.makedirs(out.cxi_dir, exist_ok=True)
             shape = tuple(p.frame_shape)
-            geometry = os.path.join(out.cxi_dir, GEOMETRY_FILE)
-            if not os.path.exists(geometry):
-                write_geometry(geometry, shape)
+            ensure_geometry(out.cxi_dir, shape)  # at run start: the layout's file, checked
             writer = self._writers[run] = CxiWriter(
-                out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=default_max_peaks(p.max_peaks, shape[0]),
+                out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=self.max_peaks,
                 frames_per_file=out.frames_per_file, save_frames=out.save_frames,
                 hit_threshold=out.hit_threshold, compression=out.compression, geometry=False)
         return writer
@@ -94,6 +101,6 @@ class CxiRunWriters:
             return []
         try:
             writer.close()
-        except (SinkError, OSError) as exc:
+        except Exception as exc:
             self.on_error(exc)
         return [str(f) for f in writer.files()]
