@@ -23,6 +23,7 @@ from .log import get_logger
 from .metrics import Metrics
 from .runs import RunTracker
 from .sdnotify import SdNotifier
+from .security import exposure_warnings
 
 log = get_logger("peaknet.supervisor")
 
@@ -66,6 +67,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
+        for warning in exposure_warnings(self.cfg):  # issue 11: open non-loopback binds
+            log.warning("insecure_endpoint", detail=warning)
         use_gpu, placements = self._plan_actors()
         remote_cls = ray.remote(PipelineActor)
         for i, node in enumerate(placements):
@@ -93,6 +96,7 @@ class Supervisor:
     def _plan_actors(self) -> tuple[bool, list[str]]:
         """Check GPUs, start or join Ray, decide how many actors go where (node ids)."""
         cfg = self.cfg
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # issue 11: keep every rejection detail in the log
         if not cfg.ray.address:
             n_gpus = self._local_gpus()
             kwargs: dict[str, Any] = {"address": "local", "namespace": cfg.ray.namespace, "include_dashboard": False,
