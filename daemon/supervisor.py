@@ -96,7 +96,6 @@ class Supervisor:
     def _plan_actors(self) -> tuple[bool, list[str]]:
         """Check GPUs, start or join Ray, decide how many actors go where (node ids)."""
         cfg = self.cfg
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # issue 11: keep every rejection detail in the log
         if not cfg.ray.address:
             n_gpus = self._local_gpus()
             kwargs: dict[str, Any] = {"address": "local", "namespace": cfg.ray.namespace, "include_dashboard": False,

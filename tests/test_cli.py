@@ -183,3 +183,15 @@ metrics: {{enabled: false}}
         blocker.close()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"cannot bind ingest socket tcp://127.0.0.1:{port}" in proc.stderr
+
+
+def test_ray_log_dedup_is_off_for_the_daemon():
+    """Set before ray is imported (Ray reads it at import), unless the user chose otherwise."""
+    code = ("from peaknet_daemon import cli; cli.ray_environment(); "
+            "from ray._private import ray_constants as c; print(c.RAY_DEDUP_LOGS)")
+    env = {k: v for k, v in ENV.items() if k != "RAY_DEDUP_LOGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_DEDUP_LOGS": "1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr

@@ -54,6 +54,7 @@ class Generator:
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
         self.seq = 0
+        self.run = RUN
         self.good = np.ones(SHAPE, np.float32)
 
     def frame(self) -> np.ndarray:
@@ -69,7 +70,7 @@ class Generator:
 
     def valid(self) -> Case:
         meta = [{}, {"photon_energy_ev": 9500.0, "detector_distance_mm": 120}, {"tag": "x", "n": 3, "ok": True}]
-        parts = encode_frame(self.frame(), SOURCE, self.seq, run=RUN, meta=meta[int(self.rng.integers(3))])
+        parts = encode_frame(self.frame(), SOURCE, self.seq, run=self.run, meta=meta[int(self.rng.integers(3))])
         self.seq += 1
         return "pk", None, [bytes(p) for p in parts], 1
 
@@ -166,7 +167,8 @@ def npz_claiming_huge_shape() -> bytes:
 # The daemon and its endpoints
 # ------------------------------------------------------------------------------------------------
 
-def daemon_config(pk: int, npz_port: int, results: int, metrics: int) -> dict:
+def daemon_config(pk: int, npz_port: int, results: int, metrics: int, run_end_grace_s: float = 5,
+                  log_level: str = "warning") -> dict:
     sock = {"mode": "connect", "rcvhwm": 64, "max_message_bytes": MAX_BYTES}
     return {
         "model": {"preset": "classical"},
@@ -174,12 +176,12 @@ def daemon_config(pk: int, npz_port: int, results: int, metrics: int) -> dict:
                      "max_batch_delay_ms": 10, "buffers": 2, "device": "cpu"},
         "ray": {"num_cpus": 2},
         "gpus": {"cpu_fallback": True, "cpu_actors": 2},
-        "ingest": {"run_end_grace_s": 5, "reject_log_interval_s": 60,
+        "ingest": {"run_end_grace_s": run_end_grace_s, "reject_log_interval_s": 60,
                    "sockets": [{**sock, "endpoint": f"tcp://127.0.0.1:{pk}"},
                                {**sock, "endpoint": f"tcp://127.0.0.1:{npz_port}", "format": "lclstreamer-npz"}]},
         "output": {"results_endpoint": f"tcp://127.0.0.1:{results}", "results_sndhwm": 100_000},
         "metrics": {"port": metrics, "interval_s": 0.5},
-        "logging": {"format": "json", "level": "warning"},
+        "logging": {"format": "json", "level": log_level},
     }
 
 
@@ -216,7 +218,7 @@ def ready(port: int) -> bool:
 
 
 class Fuzz:
-    def __init__(self, seed: int, workdir: Path):
+    def __init__(self, seed: int, workdir: Path, run_end_grace_s: float = 5, log_level: str = "warning"):
         self.gen = Generator(seed)
         self.ports = {name: free_port() for name in ("pk", "npz", "results", "metrics")}
         self.ctx = zmq.Context()
@@ -232,24 +234,51 @@ class Fuzz:
         self.results: list[dict] = []
         self.expected_rejects: Counter = Counter()
         self.valid_pk = self.valid_npz = 0
+        self.run_frames = 0  # valid peaknet frames of the current run
+        self.runs_ended = 0
         config = workdir / "fuzz-daemon.yaml"
-        config.write_text(yaml.safe_dump(daemon_config(*self.ports.values())))
+        config.write_text(yaml.safe_dump(daemon_config(*self.ports.values(), run_end_grace_s, log_level)))
+        self.log_path = workdir / "fuzz-daemon.log"
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-        self.log = open(workdir / "fuzz-daemon.log", "w")
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "peaknet_daemon.cli", "--config", str(config)],
                                      env=env, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def send(self, n: int) -> None:
-        self.push["pk"].send_multipart(encode_control("start", SOURCE, run=RUN))
-        for sock, reason, parts, frames in self.gen.cases(n):
-            self.push[sock].send_multipart(parts)
-            if reason is not None:
-                self.expected_rejects[reason] += 1
-            elif sock == "pk":
-                self.valid_pk += frames
-            else:
-                self.valid_npz += frames
+        self.push["pk"].send_multipart(encode_control("start", SOURCE, run=self.gen.run))
+        for case in self.gen.cases(n):
+            self.send_case(case)
             self.drain()
+
+    def send_case(self, case: Case) -> None:
+        sock, reason, parts, frames = case
+        self.push[sock].send_multipart(parts)
+        if reason is not None:
+            self.expected_rejects[reason] += 1
+        elif sock == "pk":
+            self.valid_pk += frames
+            self.run_frames += frames
+        else:
+            self.valid_npz += frames
+
+    def send_valid(self, n: int) -> None:
+        self.push["pk"].send_multipart(encode_control("start", SOURCE, run=self.gen.run))
+        for _ in range(n):
+            self.send_case(self.gen.valid())
+            self.drain()
+
+    def new_run(self, run: int) -> None:
+        self.gen.run, self.run_frames = run, 0
+        self.push["pk"].send_multipart(encode_control("start", SOURCE, run=run))
+
+    def end_run(self) -> None:
+        self.push["pk"].send_multipart(encode_control("end", SOURCE, run=self.gen.run, count=self.run_frames))
+        self.runs_ended += 1
+
+    def runs_complete(self, _values: dict | None = None) -> bool:
+        """Whether the daemon logged run_complete for every run this source ended (info log)."""
+        text = self.log_path.read_text()
+        return text.count('"event": "run_complete"') >= self.runs_ended
 
     def drain(self, timeout_ms: int = 0) -> None:
         while self.pull.poll(timeout_ms):
