@@ -305,6 +305,9 @@ class Fuzz:
                              and sum(rejected(v).values()) >= want, timeout)
 
     def close(self) -> int:
+        """Stop the daemon (SIGTERM) and close the sockets; the daemon's exit status. Idempotent."""
+        if self.log.closed:
+            return self.proc.returncode
         for s in (*self.push.values(), self.pull):
             s.close(linger=0)
         self.ctx.term()

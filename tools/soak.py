@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             after = fuzz.settle(300)
             after = fuzz.wait_for("every run settled", lambda v: v.get("peaknet_frames_processed_total", 0)
                                   >= fuzz.valid_pk and fuzz.runs_complete(v), 120)
+        except Exception as exc:
+            tail = fuzz.log_path.read_text()[-3000:] if fuzz.log_path.exists() else ""
+            print(f"soak: {type(exc).__name__}: {exc}\n--- daemon log tail ---\n{tail}", file=sys.stderr)
+            fuzz.close()
+            return 1
         finally:
             rc = fuzz.close()
     keys = Counter((r["source"], r["run"], r["seq"]) for r in fuzz.results)
