@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from .runs import RunOutcome, RunTracker
 
-_SCALARS = ("received", "processed", "peaks", "hits", "control_messages")
+_SCALARS = ("received", "processed", "peaks", "hits", "control_messages", "peaks_truncated", "auth_failures",
+            "peer_disconnects")
 _LABELLED = ("rejected", "sink_errors", "thread_failures", "results_dropped")
 
 

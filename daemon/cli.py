@@ -5,6 +5,7 @@ usable device."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg)
 
 
+def ray_environment() -> None:
+    """Ray settings that must be in the environment before `import ray`: no log dedup (it would
+    fold different rejection details into one "[repeated Nx]" line). A value you set wins."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
 def run(cfg: Config) -> int:
+    ray_environment()
     from .log import configure_logging, get_logger
     from .supervisor import StartupError, Supervisor
 

@@ -219,6 +219,13 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    curve_server_secret: str = _f("", doc="the daemon's CURVE key pair (.key_secret file, peaknet-keygen); "
+                                          "empty = no CURVE")
+    curve_authorized_dir: str = _f("", doc="folder of the public keys (*.key) of allowed producers and consumers")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = _f("auto", doc="auto = console on a TTY, else json")
     level: Literal["debug", "info", "warning", "error"] = _f("info", doc="log level")
@@ -236,6 +243,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
@@ -352,6 +360,10 @@ def _cross_check(cfg: Config) -> None:
     if cfg.monitor.enabled and not cfg.metrics.enabled:
         raise ConfigError("monitor.enabled", True, "the page is served on the metrics server: "
                           "needs metrics.enabled", src)
+    sec = cfg.security
+    if bool(sec.curve_server_secret) != bool(sec.curve_authorized_dir):
+        raise ConfigError("security.curve_authorized_dir", sec.curve_authorized_dir,
+                          "CURVE needs both curve_server_secret and curve_authorized_dir", src)
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> Config:

@@ -334,7 +334,8 @@ def check_node_task(cfg: GpusConfig | dict | None = None, timeout_s: float = 120
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`peaknet-gpu-check`: print the GPU table; exit 0 when at least --min-gpus are healthy."""
+    """`peaknet-gpu-check`: print the GPU table; exit 0 when at least --min-gpus are healthy.
+    Finding no GPU at all is a failure (exit 1) unless --allow-none."""
     ap = argparse.ArgumentParser(prog="peaknet-gpu-check", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="daemon YAML; its gpus section sets thresholds and min_gpus")
     ap.add_argument("--min-gpus", type=int, default=None, help="healthy GPUs needed for exit 0")
@@ -342,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-temperature-c", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--min-free-memory-gb", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-probe", action="store_true", help="NVML checks only, no torch probe")
+    ap.add_argument("--allow-none", action="store_true", help="exit 0 on a machine without GPUs (CPU nodes)")
     args = ap.parse_args(argv)
     if not structlog.is_configured():
         configure_logging(LoggingConfig(level="warning"))  # stderr: stdout may carry --json
@@ -356,10 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     elif not reports:
-        print("no NVIDIA GPU found (no NVML library, no driver, or no device)")
+        print("no NVIDIA GPU found (no NVML library, no driver, or no device)"
+              + ("" if args.allow_none else "; pass --allow-none where that is expected"))
     else:
         print(format_table(reports))
         print(f"{healthy} of {len(reports)} GPUs healthy (need {min_gpus})")
+    if not reports and not args.allow_none:
+        return 1
     return 0 if healthy >= min_gpus else 1
 
 

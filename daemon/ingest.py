@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from .config import SocketConfig
-from .wire import Header, Rejected, check_frame, decode_header, decode_lclstreamer_npz
+from .wire import Header, NpzDecoder, Rejected, check_frame, decode_header
 
 
 @dataclass
@@ -52,13 +52,17 @@ class SocketReader:
 
     def __init__(self, ctx: zmq.Context, sock: SocketConfig, endpoint: str,
                  frame_shape: tuple[int, ...], dtype: str,
-                 on_frame: OnFrame, on_control: OnControl, on_reject: OnReject):
+                 on_frame: OnFrame, on_control: OnControl, on_reject: OnReject,
+                 secure: Callable[[zmq.Socket], None] | None = None):
         self.cfg, self.endpoint = sock, endpoint
         self.frame_shape, self.dtype = tuple(frame_shape), dtype
         self.on_frame, self.on_control, self.on_reject = on_frame, on_control, on_reject
-        self._npz_seq = 0
+        self._npz = NpzDecoder(frame_shape, dtype, sock.max_message_bytes, endpoint)
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, sock.rcvhwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, sock.max_message_bytes)  # libzmq drops larger parts unread
+        if secure is not None:
+            secure(self.socket)  # CURVE options must precede bind/connect
         self.socket.setsockopt(zmq.LINGER, 0)
         try:
             (self.socket.bind if sock.mode == "bind" else self.socket.connect)(endpoint)
@@ -115,8 +119,6 @@ class SocketReader:
     def _handle_npz(self, parts: list[zmq.Frame], received_at: float) -> None:
         if len(parts) != 1:
             raise Rejected("wrong_parts", f"npz message has {len(parts)} parts, expected 1")
-        for header, array in decode_lclstreamer_npz(parts[0].buffer, self.frame_shape, self.dtype,
-                                                    source=self.endpoint):
-            self.on_frame(array, FrameTag(header.source, self._npz_seq, header.run,
+        for header, array in self._npz.decode(parts[0].buffer):
+            self.on_frame(array, FrameTag(header.source, header.seq, header.run,
                                           header.timestamp_ns, header.meta, received_at))
-            self._npz_seq += 1

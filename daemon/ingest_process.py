@@ -37,7 +37,9 @@ import zmq
 from .config import Config, SocketConfig
 from .ingest import FrameTag, SocketReader
 from .log import RateLimitedLog, configure_logging, get_logger
-from .shm_ring import CONTROLS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, PROGRESS_NS, REJECTED0, SharedRing
+from .security import SocketGuard
+from .shm_ring import (AUTH_FAILURES, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, PROGRESS_NS,
+                       REJECTED0, SharedRing)
 from .wire import Header
 
 log = get_logger("peaknet.ingest")
@@ -158,31 +160,33 @@ def ingest_main(cfg: Config, row: int, specs: list[SocketSpec], ring_args: tuple
     ring = SharedRing(*ring_args, create=False)
     filler = _Filler(ring, row, conn, cfg.pipeline.max_batch_delay_ms / 1e3, cfg.ingest.reject_log_interval_s)
     ctx = zmq.Context()
+    guard = SocketGuard(cfg.security, ctx)  # CURVE, and counts of refused and dropped peers
     readers: list[SocketReader] = []
     try:
         try:
             for spec in specs:
                 readers.append(SocketReader(ctx, spec.cfg, spec.endpoint, tuple(cfg.pipeline.frame_shape),
                                             cfg.pipeline.dtype, filler.on_frame, filler.on_control,
-                                            filler.on_reject))
+                                            filler.on_reject, secure=guard.secure))
         except OSError as exc:
             filler.send(["error", str(exc)])
             log.error("ingest_start_failed", ingest=row, error=str(exc))
             return
         filler.send(["ready"])
         log.info("ingest_started", ingest=row, pid=os.getpid(), endpoints=[s.endpoint for s in specs])
-        _loop(filler, readers, conn, parent_pid, cfg.shutdown.drain_s)
+        _loop(filler, readers, conn, parent_pid, cfg.shutdown.drain_s, guard)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the GPU process is gone; so are we
     finally:
         for r in readers:
             r.close()
+        guard.close()
         ctx.term()
         ring.close()
 
 
 def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent_pid: int,
-          drain_s: float) -> None:
+          drain_s: float, guard: SocketGuard) -> None:
     full = zmq.Poller()
     only_conn = zmq.Poller()
     for p in (full, only_conn):
@@ -195,6 +199,7 @@ def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent
     while True:
         now = time.monotonic()
         counters[HEARTBEAT_NS] = time.monotonic_ns()
+        counters[AUTH_FAILURES], counters[DISCONNECTS] = guard.auth_failures, guard.disconnects
         poller = full if filler.has_room() else only_conn
         events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else DRAIN_IDLE_MS))
         if conn.fileno() in events:

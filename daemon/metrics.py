@@ -28,7 +28,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Accounting totals -> the counter they set.
 _SCALARS = {"received": "frames_received", "processed": "frames_processed", "missing": "frames_missing",
             "peaks": "peaks_found", "hits": "hits", "control_messages": "control_messages",
-            "restarts": "actor_restarts", "lost_in_restart": "frames_lost_in_restart"}
+            "restarts": "actor_restarts", "lost_in_restart": "frames_lost_in_restart",
+            "peaks_truncated": "peaks_truncated", "auth_failures": "auth_failures",
+            "peer_disconnects": "ingest_disconnects"}
 # Accounting's {label: n} totals -> (counter, label name).
 _LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink"),
              "thread_failures": ("thread_failures", "role"), "results_dropped": ("results_dropped", "reason")}
@@ -83,6 +85,10 @@ class Metrics:
                                                           "by role", ["role"])
         self.results_dropped = counter("results_dropped", "Results the results stream did not send, by reason "
                                                           "(pub: no subscriber or full; closed at stop)", ["reason"])
+        self.peaks_truncated = counter("peaks_truncated", "Weakest peaks left out of CXI rows over the cap")
+        self.auth_failures = counter("auth_failures", "Peers refused by CURVE (handshake failed)")
+        self.ingest_disconnects = counter("ingest_disconnects", "Ingest peers disconnected (a part over "
+                                          "max_message_bytes, or the peer went away)")
         self.batch_size = Histogram(f"{NS}_batch_size", "Frames per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency_seconds = Histogram(f"{NS}_latency_seconds", "Frame receive to result",

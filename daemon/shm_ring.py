@@ -25,9 +25,9 @@ import numpy as np
 from .wire import DTYPES, REASONS
 
 # Counter columns of an ingest process's row (int64). Rejections follow, one column per reason.
-FRAMES, CONTROLS, HEARTBEAT_NS, PROGRESS_NS = range(4)
+FRAMES, CONTROLS, HEARTBEAT_NS, PROGRESS_NS, AUTH_FAILURES, DISCONNECTS = range(6)
 INGEST_REASONS = (*REASONS, "shutdown")
-REJECTED0 = 4
+REJECTED0 = 6
 COLUMNS = REJECTED0 + len(INGEST_REASONS)
 
 

@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .monitor import PREFIX as MONITOR_PREFIX, MonitorState, gpu_readings, monitor_app
 from .sdnotify import SdNotifier
 from .worker import tally_path
+from .security import exposure_warnings
 
 log = get_logger("peaknet.supervisor")
 
@@ -95,6 +96,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
+        for warning in exposure_warnings(self.cfg):  # issue 11: open non-loopback binds
+            log.warning("insecure_endpoint", detail=warning)
         use_gpu, placements = self._plan_actors()
         leftovers = rename_leftovers(self.cfg.output.cxi_dir)
         if leftovers:

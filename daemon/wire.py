@@ -8,7 +8,10 @@ label, so every bad message is counted by what was wrong with it.
 from __future__ import annotations
 
 import io
+import math
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -19,11 +22,20 @@ PROTO = "peaknet/1"
 RESULT_PROTO = "peaknet-result/1"
 DTYPES = {"uint16": "<u2", "int16": "<i2", "int32": "<i4", "float16": "<f2", "float32": "<f4"}
 MAX_HEADER_BYTES = 64 * 1024
+INT64_MAX = 2**63 - 1
+MAX_RUN_FRAMES = 10**10  # an `end` count above this is a bug or an attack (~11 days at 10 kHz)
+MAX_NAME_CHARS = 256  # source, a run given as a string, a meta key
+MAX_META_KEYS = 64
+MAX_META_STR = 1024  # characters of a string value in meta
+MAX_META_LIST = 4096  # items of a list value in meta (e.g. the simulator's truth_* columns)
+POSITIVE_META = ("photon_energy_ev", "detector_distance_mm")  # known keys: finite numbers > 0
+NPZ_MEMBERS = ("detector_data", "timestamp", "photon_wavelength")
+HC_EV_ANGSTROM = 12398.4198
 
 # Rejection reasons (metrics labels).
 REASONS = (
     "not_msgpack", "bad_header", "unknown_proto", "unknown_type", "wrong_parts", "wrong_shape",
-    "wrong_dtype", "size_mismatch", "oversize", "non_finite", "bad_npz",
+    "wrong_dtype", "size_mismatch", "oversize", "non_finite", "bad_npz", "bad_meta", "out_of_range",
 )
 
 
@@ -118,21 +130,28 @@ def decode_header(raw: bytes | memoryview) -> Header:
     source, run = h.get("source"), h.get("run", 0)
     if not isinstance(source, str) or not isinstance(run, (int, str)) or isinstance(run, bool):
         raise Rejected("bad_header", "source must be str and run int or str")
+    if len(source) > MAX_NAME_CHARS or (isinstance(run, str) and len(run) > MAX_NAME_CHARS):
+        raise Rejected("bad_header", f"source or run longer than {MAX_NAME_CHARS} characters")
+    if isinstance(run, int):
+        _check_int64("run", run)
     ts = h.get("timestamp_ns", 0)
-    meta = h.get("meta", {}) or {}
-    if not isinstance(ts, int) or not isinstance(meta, dict):
-        raise Rejected("bad_header", "timestamp_ns must be int and meta a map")
+    if not isinstance(ts, int) or isinstance(ts, bool):
+        raise Rejected("bad_header", "timestamp_ns must be an int")
+    _check_int64("timestamp_ns", ts)
+    meta = check_meta(h.get("meta", {}))
     header = Header(type=kind, source=source, run=run, timestamp_ns=ts, meta=meta)
     if kind == "end":
         count = h.get("count")
-        if not isinstance(count, int) or count < 0:
-            raise Rejected("bad_header", "end needs a non-negative count")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise Rejected("bad_header", "end needs an int count")
+        _check_int64("count", count, hi=MAX_RUN_FRAMES)
         header.count = count
     if kind != "frame":
         return header
     seq, shape, dtype = h.get("seq"), h.get("shape"), h.get("dtype")
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise Rejected("bad_header", "seq must be an int")
+    _check_int64("seq", seq)
     if (not isinstance(shape, list) or len(shape) != 3
             or not all(isinstance(s, int) and 0 < s < 1 << 20 for s in shape)):
         raise Rejected("wrong_shape", f"shape {shape!r}"[:60])
@@ -140,6 +159,50 @@ def decode_header(raw: bytes | memoryview) -> Header:
         raise Rejected("wrong_dtype", repr(dtype)[:40])
     header.seq, header.shape, header.dtype = seq, tuple(shape), dtype
     return header
+
+
+def _check_int64(name: str, value: int, hi: int = INT64_MAX) -> None:
+    """Counters and stamps are int64 in every sink (CXI, metrics): 0 <= value <= hi."""
+    if not 0 <= value <= hi:
+        raise Rejected("out_of_range", f"{name} {value} is outside [0, {hi}]"[:80])
+
+
+def _is_scalar(v: Any) -> bool:
+    if v is None or isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return -INT64_MAX - 1 <= v <= INT64_MAX
+    if isinstance(v, float):
+        return True
+    return isinstance(v, str) and len(v) <= MAX_META_STR
+
+
+def check_meta(meta: Any) -> dict[str, Any]:
+    """`meta` is a flat map: str keys -> a scalar (int64, float, str, bool, nil) or a list of
+    scalars; the known physical keys are finite positive numbers. Raises Rejected('bad_meta')."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise Rejected("bad_meta", "meta must be a map")
+    if len(meta) > MAX_META_KEYS:
+        raise Rejected("bad_meta", f"{len(meta)} keys > {MAX_META_KEYS}")
+    for key, value in meta.items():
+        if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
+            raise Rejected("bad_meta", f"key {key!r} is not a string of <= {MAX_NAME_CHARS} characters"[:80])
+        if isinstance(value, list):
+            ok = len(value) <= MAX_META_LIST and all(_is_scalar(v) for v in value)
+        else:
+            ok = _is_scalar(value)
+        if not ok:
+            raise Rejected("bad_meta", f"{key}: not a scalar or a flat list of scalars"[:80])
+    for key in POSITIVE_META:
+        value = meta.get(key)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value <= 0):
+            raise Rejected("bad_meta", f"{key} must be a finite number > 0, got {value!r}"[:80])
+    return meta
 
 
 def check_frame(header: Header, payload: bytes | memoryview, shape: Sequence[int], dtype: str) -> np.ndarray:
@@ -156,34 +219,96 @@ def check_frame(header: Header, payload: bytes | memoryview, shape: Sequence[int
     return np.frombuffer(payload, dtype=DTYPES[dtype]).reshape(shape)
 
 
-def decode_lclstreamer_npz(payload: bytes | memoryview, shape: Sequence[int], dtype: str,
-                           source: str = "lclstreamer") -> Iterator[tuple[Header, np.ndarray]]:
-    """Split one lclstreamer `.npz` batch (`detector_data` (B,C,H,W), `timestamp`,
-    `photon_wavelength`) into frames. Loaded with allow_pickle=False. Raises Rejected."""
-    try:
-        with np.load(io.BytesIO(bytes(payload)), allow_pickle=False) as npz:
-            data = npz["detector_data"]
-            stamps = npz["timestamp"] if "timestamp" in npz.files else None
-            wavelength = npz["photon_wavelength"] if "photon_wavelength" in npz.files else None
-    except Exception as exc:
-        raise Rejected("bad_npz", type(exc).__name__) from None
-    if data.ndim == 3:
-        data = data[:, None]
-    if data.ndim != 4 or tuple(data.shape[1:]) != tuple(shape):
-        raise Rejected("wrong_shape", f"detector_data {list(data.shape)} vs frame {list(shape)}")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise Rejected("non_finite", "NaN or Inf in detector_data")
-    data = data.astype(DTYPES[dtype], copy=False)
-    for i in range(data.shape[0]):
-        meta = {}
-        if wavelength is not None and np.size(wavelength) > i:
-            wl = float(np.ravel(wavelength)[i])
-            meta["photon_wavelength_a"] = wl
-            if wl > 0:
-                meta["photon_energy_ev"] = 12398.4198 / wl
-        ts = int(np.ravel(stamps)[i] * 1e9) if stamps is not None and np.size(stamps) > i else time.time_ns()
-        yield Header(type="frame", source=source, seq=-1, timestamp_ns=ts, shape=tuple(shape),
-                     dtype=dtype, meta=meta), data[i]
+class NpzDecoder:
+    """lclstreamer `.npz` batches (`detector_data` (B,C,H,W) or (B,H,W), `timestamp`,
+    `photon_wavelength`) -> frames, for one ingest socket reader.
+
+    Decompression is bounded: the zip directory's member sizes and each `.npy` header's shape are
+    checked against `max_bytes` before anything is inflated. Data whose dtype does not cast
+    safely to the configured one (float64 into float32, anything float into an integer type) is
+    rejected, never rounded. lclstreamer has no run boundaries: a reader's frames form one run
+    `npz` of its own source `<endpoint>#<reader id>`, seq 0, 1, 2, ... in arrival order, so
+    two readers never collide; that run is settled when the daemon stops."""
+
+    RUN = "npz"
+
+    def __init__(self, shape: Sequence[int], dtype: str, max_bytes: int, endpoint: str):
+        self.shape, self.dtype = tuple(shape), np.dtype(DTYPES[dtype])
+        self.max_bytes = int(max_bytes)
+        self.source = f"{endpoint}#{uuid.uuid4().hex[:8]}"
+        self.seq = 0
+
+    def decode(self, payload: bytes | memoryview) -> list[tuple[Header, np.ndarray]]:
+        """All frames of one message (nothing is numbered unless the whole batch is valid).
+        Raises Rejected."""
+        arrays = self._load(payload)
+        data = arrays["detector_data"]
+        if data.ndim == 3:
+            data = data[:, None]
+        if data.ndim != 4 or tuple(data.shape[1:]) != self.shape:
+            raise Rejected("wrong_shape", f"detector_data {list(data.shape)} vs frame {list(self.shape)}")
+        if not np.can_cast(data.dtype, self.dtype, casting="safe"):
+            raise Rejected("wrong_dtype", f"detector_data {data.dtype} does not cast to {self.dtype} without loss")
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise Rejected("non_finite", "NaN or Inf in detector_data")
+        stamps = np.ravel(arrays.get("timestamp", np.empty(0))).astype(np.float64, copy=False)
+        wavelengths = np.ravel(arrays.get("photon_wavelength", np.empty(0))).astype(np.float64, copy=False)
+        data = data.astype(self.dtype, copy=False)
+        out = []
+        for i in range(data.shape[0]):
+            meta: dict[str, Any] = {}
+            if i < wavelengths.size and math.isfinite(wavelengths[i]) and wavelengths[i] > 0:
+                meta["photon_wavelength_a"] = float(wavelengths[i])
+                meta["photon_energy_ev"] = HC_EV_ANGSTROM / float(wavelengths[i])
+            ts = time.time_ns()
+            if i < stamps.size and math.isfinite(stamps[i]) and 0 <= stamps[i] * 1e9 < INT64_MAX:
+                ts = int(stamps[i] * 1e9)
+            out.append((Header(type="frame", source=self.source, seq=self.seq + i, run=self.RUN,
+                               timestamp_ns=ts, shape=self.shape, dtype=dtype_name(self.dtype), meta=meta),
+                        data[i]))
+        self.seq += len(out)
+        return out
+
+    def _load(self, payload: bytes | memoryview) -> dict[str, np.ndarray]:
+        """The known members, each read only after its sizes passed the checks."""
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+                members = {info.filename: info for info in zf.infolist()}
+                declared = sum(info.file_size for info in members.values())
+                if declared > self.max_bytes:
+                    raise Rejected("oversize", f"npz expands to {declared} bytes > {self.max_bytes}")
+                for name in NPZ_MEMBERS:
+                    info = members.get(name + ".npy")
+                    if info is not None:
+                        with zf.open(info) as f:
+                            arrays[name] = _read_npy(f, info.file_size)
+        except Rejected:
+            raise
+        except Exception as exc:  # zipfile, zlib and numpy's header parser raise many types
+            raise Rejected("bad_npz", f"{type(exc).__name__}: {exc}"[:80]) from None
+        if "detector_data" not in arrays:
+            raise Rejected("bad_npz", "no detector_data member")
+        return arrays
+
+
+def _read_npy(f: Any, member_bytes: int) -> np.ndarray:
+    """One `.npy` member whose header must agree with the member's size in the zip directory
+    (a small member claiming a huge shape would otherwise allocate that shape)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise Rejected("bad_npz", f"member dtype {dtype} is not a plain number type")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > member_bytes:
+        raise Rejected("bad_npz", f"header claims {nbytes} bytes, the member holds {member_bytes}")
+    raw = f.read(nbytes)
+    if len(raw) != nbytes:
+        raise Rejected("bad_npz", f"member truncated: {len(raw)} of {nbytes} bytes")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,9 @@ from .metrics import process_rss_bytes
 from .monitor import HitSampler
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
-from .shm_ring import CONTROLS, COLUMNS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, REJECTED0, SharedRing
+from .shm_ring import (AUTH_FAILURES, COLUMNS, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS,
+                       REJECTED0, SharedRing)
+from .security import SocketGuard
 from .sinks.cxi_runs import CxiRunWriters
 from .sinks.results_stream import ResultStream
 from .supervision import Supervision
@@ -133,7 +135,9 @@ class Worker:
                                        queue_frames=2 * cfg.pipeline.batch_size, spawn=self.supervision.spawn)
                          if cfg.output.cxi_dir else None)
             self._ctx = zmq.Context()
-            self._stream = ResultStream(self._results_cfg(), self._ctx) if cfg.output.results_endpoint else None
+            self._guard = SocketGuard(cfg.security, self._ctx)  # CURVE on the results stream; refused peers
+            self._stream = (ResultStream(self._results_cfg(), self._ctx, secure=self._guard.secure)
+                            if cfg.output.results_endpoint else None)
             if ingest:
                 self._start_ingest()
         except BaseException:
@@ -430,6 +434,8 @@ class Worker:
             self._write_tally()
 
     def _deliver(self, result: dict, frame: np.ndarray | None) -> None:
+        if self._cxi is not None:
+            self._cxi.mark(result)  # issue 11: result['truncated'] before anyone sees the result
         if self._stream is not None:
             try:
                 self._stream.send(result)
@@ -539,11 +545,20 @@ class Worker:
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(), "device_mem_bytes": self._device_memory(),
                 "health": health, "workers": workers,
-                "results_dropped": dict(self._stream.dropped) if self._stream is not None else {},
+                **self._integrity_stats(),
             }
         if self._monitor is not None:
             out["monitor"] = self._monitor.drain()  # the live page's side channel (daemon/monitor/)
         return out
+
+    def _integrity_stats(self) -> dict:
+        """CXI truncation, results not sent, refused peers and dropped ingest peers (the ingest
+        processes count theirs in the shared counters)."""
+        c = self._ingest_counts()
+        return {"peaks_truncated": self._cxi.peaks_truncated if self._cxi is not None else 0,
+                "results_dropped": dict(self._stream.dropped) if self._stream is not None else {},
+                "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES]),
+                "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])}
 
     def _device_memory(self) -> int:
         import torch
@@ -617,6 +632,9 @@ class Worker:
         pipeline = getattr(self, "pipeline", None)
         if pipeline is not None:
             pipeline.close()
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.close()
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
             ctx.term()

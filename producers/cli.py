@@ -59,6 +59,10 @@ def _common(p: argparse.ArgumentParser, frames_default: int | None) -> None:
                    help="s to wait for a consumer to take a message before giving up")
     g.add_argument("--sources", type=int, default=1, help="run K sources, one process each")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
+    g.add_argument("--curve-client-key", default="", metavar="FILE",
+                   help="CURVE: this producer's key pair (.key_secret from peaknet-keygen)")
+    g.add_argument("--curve-server-key", default="", metavar="FILE",
+                   help="CURVE: the daemon's public key (.key)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +132,8 @@ def _send(args: argparse.Namespace, items, stop: threading.Event, source: str, r
     summary = run_producer(
         items, args.endpoint, bind=args.bind, source=source, run=run,
         frames=args.frames or None, rate=args.rate, hwm=args.hwm, linger_ms=args.linger,
-        timeout_s=args.timeout, stop=stop, on_sent=on_sent, progress=_progress(args))
+        timeout_s=args.timeout, stop=stop, on_sent=on_sent, progress=_progress(args),
+        curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key)
     print(summary.line(), flush=True)
     return 0
 

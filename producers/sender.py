@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import zmq
 
+from peaknet_daemon.security import curve_client
 from peaknet_daemon.wire import encode_control, encode_frame
 
 from .errors import ProducerError
@@ -34,6 +35,8 @@ class SenderOptions:
     hwm: int = 32
     linger_ms: int = 60_000
     timeout_s: float = 10.0
+    curve_client_key: str = ""  # this producer's .key_secret file (peaknet-keygen)
+    curve_server_key: str = ""  # the daemon's public .key file
 
 
 class Sender:
@@ -48,6 +51,14 @@ class Sender:
         self.sock.setsockopt(zmq.LINGER, opts.linger_ms)
         # Queue only to completed connections: otherwise a connect to nobody "succeeds".
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        try:
+            if opts.curve_client_key or opts.curve_server_key:
+                if not (opts.curve_client_key and opts.curve_server_key):
+                    raise ValueError("CURVE needs both --curve-client-key and --curve-server-key")
+                curve_client(self.sock, opts.curve_client_key, opts.curve_server_key)
+        except (OSError, ValueError) as exc:
+            self.ctx.destroy(linger=0)
+            raise ProducerError(f"CURVE keys: {exc}") from None
         try:
             (self.sock.bind if opts.bind else self.sock.connect)(opts.endpoint)
         except zmq.ZMQError as exc:
@@ -96,11 +107,13 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
                  linger_ms: int = 60_000, timeout_s: float = 10.0,
                  stop: threading.Event | None = None,
                  on_sent: Callable[[int, Item], None] | None = None,
-                 progress: bool = False, start_meta: dict | None = None) -> Summary:
+                 progress: bool = False, start_meta: dict | None = None,
+                 curve_client_key: str = "", curve_server_key: str = "") -> Summary:
     """Send `start`, up to `frames` items (all when None) at `rate` Hz (0 = as fast as
     possible), then `end` with the count, also when stopped or when the items fail midway.
     `on_sent(seq, item)` runs after each frame is handed to the socket."""
-    sender = Sender(SenderOptions(endpoint, bind, hwm, linger_ms, timeout_s), stop)
+    sender = Sender(SenderOptions(endpoint, bind, hwm, linger_ms, timeout_s, curve_client_key,
+                                  curve_server_key), stop)
     pacer = Pacer(rate, stop)
     bar = Progress(progress, frames)
     count = nbytes = 0

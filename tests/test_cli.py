@@ -60,7 +60,7 @@ def test_check_prints_the_resolved_config(name):
     assert resolved["pipeline"]["frame_shape"] == given["pipeline"]["frame_shape"]
     assert resolved["gpus"] == {**resolved["gpus"], **given["gpus"]}
     assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "metrics", "monitor",
-                             "health", "shutdown", "logging"}
+                             "health", "shutdown", "security", "logging"}
 
 
 def test_check_without_config_uses_builtin_defaults(capsys):
@@ -152,14 +152,16 @@ def test_fewer_gpus_than_min_gpus_exits_2(tmp_path):
 @without_gpu
 def test_gpu_check_reports_no_gpu():
     out = gpu_check()
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "no NVIDIA GPU found (no NVML library, no driver, or no device)"
-    assert gpu_check("--min-gpus", "1").returncode == 1
+    assert out.returncode == 1, out.stderr  # a health check that found nothing to check fails
+    assert out.stdout.strip().startswith("no NVIDIA GPU found (no NVML library, no driver, or no device)")
+    assert "--allow-none" in out.stdout
+    assert gpu_check("--allow-none").returncode == 0
+    assert gpu_check("--allow-none", "--min-gpus", "1").returncode == 1
 
 
 @without_gpu
 def test_gpu_check_json_is_an_empty_list():
-    out = gpu_check("--json", "--min-gpus", "0")
+    out = gpu_check("--json", "--min-gpus", "0", "--allow-none")
     assert out.returncode == 0 and yaml.safe_load(out.stdout) == []
 
 
@@ -182,3 +184,15 @@ metrics: {{enabled: false}}
         blocker.close()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"cannot bind ingest socket tcp://127.0.0.1:{port}" in proc.stderr
+
+
+def test_ray_log_dedup_is_off_for_the_daemon():
+    """Set before ray is imported (Ray reads it at import), unless the user chose otherwise."""
+    code = ("from peaknet_daemon import cli; cli.ray_environment(); "
+            "from ray._private import ray_constants as c; print(c.RAY_DEDUP_LOGS)")
+    env = {k: v for k, v in ENV.items() if k != "RAY_DEDUP_LOGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_DEDUP_LOGS": "1"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr

@@ -101,7 +101,9 @@ def bad_then_good(n_good: int):
         ("wrong_shape", [msgpack.packb({**header, "shape": [2, 64, 63]}), good.tobytes()[:-2 * 2 * 64]]),
         ("wrong_dtype", encode_frame(float_frame, "bad", 0)),
         ("size_mismatch", [msgpack.packb(header), good.tobytes()[:-10]]),
-        ("oversize", [msgpack.packb(header), b"\0" * (2 << 20)]),
+        ("oversize", [msgpack.packb(header), b"\0" * (600 << 10), b"\0" * (600 << 10)]),  # parts < limit
+        ("bad_meta", [msgpack.packb({**header, "meta": {"photon_energy_ev": "9.5 keV"}}), good.tobytes()]),
+        ("out_of_range", [msgpack.packb({**header, "seq": 2**63}), good.tobytes()]),
     ]
     messages, reasons = [], []
     for i in range(n_good):

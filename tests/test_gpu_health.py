@@ -173,10 +173,13 @@ def test_format_table():
     assert " 41 " in lines[1]
 
 
-@pytest.mark.parametrize("health,min_gpus,rc", [([True, False], 1, 0), ([True, False], 2, 1), ([], 0, 0), ([], 1, 1)])
-def test_main_exit_codes(monkeypatch, capsys, health, min_gpus, rc):
+@pytest.mark.parametrize("health,min_gpus,allow_none,rc", [
+    ([True, False], 1, False, 0), ([True, False], 2, False, 1), ([], 0, False, 1), ([], 0, True, 0),
+    ([], 1, True, 1), ([True], 0, True, 0)])
+def test_main_exit_codes(monkeypatch, capsys, health, min_gpus, allow_none, rc):
+    """A health check that finds no GPU at all fails unless told --allow-none."""
     monkeypatch.setattr(gpu_health, "check_gpus", lambda cfg, run_probe=True: reports(health))
-    assert gpu_health.main(["--min-gpus", str(min_gpus)]) == rc
+    assert gpu_health.main(["--min-gpus", str(min_gpus), *(["--allow-none"] if allow_none else [])]) == rc
     out = capsys.readouterr().out
     if health:
         assert f"{sum(health)} of {len(health)} GPUs healthy" in out

@@ -176,7 +176,8 @@ def test_geometry_file(tmp_path):
     w = writer(tmp_path)
     w.write(make_result(0, []), frame(0))
     w.close()
-    text = (tmp_path / "actor-0.geom").read_text()
+    assert w.geometry_path == tmp_path / "peaknet-slab-3x8x12.geom"
+    text = (tmp_path / "peaknet-slab-3x8x12.geom").read_text()
     lines = {ln.split("=")[0].strip(): ln.split("=", 1)[1].strip()
              for ln in text.splitlines() if "=" in ln and not ln.startswith(";")}
     assert lines["peak_list"] == "/entry_1/result_1"

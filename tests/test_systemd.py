@@ -35,14 +35,15 @@ def test_contract_keys():
     for flag in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "ProtectKernelTunables",
                  "ProtectControlGroups", "RestrictSUIDSGID"):
         assert k[flag] == ["yes"], flag
-    assert "RAY_AUTH_MODE=disabled" in k["Environment"]
+    assert "RAY_AUTH_MODE=token" in k["Environment"]  # Ray's token auth stays on
+    assert "RAY_DEDUP_LOGS=0" in k["Environment"]  # every rejection detail reaches the journal
 
 
 def test_env_example_is_key_value():
     text = (ROOT / "systemd" / "peaknet.env.example").read_text()
     pairs = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert pairs and all("=" in ln and " " not in ln.split("=", 1)[0] for ln in pairs)
-    assert "RAY_AUTH_MODE=disabled" in pairs
+    assert "RAY_USAGE_STATS_ENABLED=0" in pairs and not any(p.startswith("RAY_AUTH_MODE=") for p in pairs)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

@@ -130,6 +130,7 @@ def test_every_frame_gives_a_result_and_a_cxi_event(tmp_path, frames, results):
     assert sorted(r["seq"] for r in got) == list(range(N))
     assert final["received"] == final["processed"] == N
     assert final["rejected"] == {} and final["sink_errors"] == {}
+    assert all(r["truncated"] == 0 for r in got) and final["peaks_truncated"] == 0  # marked, none cut
 
     expected = run_sequential(cfg, frames)
     by_seq = {r["seq"]: r for r in got}
@@ -140,7 +141,7 @@ def test_every_frame_gives_a_result_and_a_cxi_event(tmp_path, frames, results):
     cxi = tmp_path / "cxi"
     assert cxi_events(cxi) == {i: by_seq[i]["n_peaks"] for i in range(N)}
     assert not list(cxi.glob("*.tmp")) and not list(cxi.glob("*.partial"))
-    assert (cxi / "peaknet-slab.geom").exists()
+    assert (cxi / "peaknet-slab.geom").resolve() == (cxi / "peaknet-slab-2x64x64.geom")
     (path,) = cxi.glob("*.cxi")
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["/entry_1/data_1/data"][3], frames[3].reshape(-1, SHAPE[2]))

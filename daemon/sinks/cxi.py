@@ -3,8 +3,12 @@
 A `(P, H, W)` frame is stored as the `(P*H, W)` slab; a peak at (panel, y, x) has
 `peakYPosRaw = panel*H + y`, `peakXPosRaw = x`. Every dataset's first axis is the file's events.
 Files are written as `NAME.cxi.tmp` and renamed on close, so a reader that globs `*.cxi` never
-sees a half-written file. An I/O error (disk full) raises `SinkError` and abandons that file;
-the next `write` starts a new one, so the writer never crash-loops the actor.
+sees a half-written file. An event's values are checked before anything is buffered (a bad
+event raises ValueError and the file stays intact); any error after that (disk full, a bug)
+raises `SinkError` and leaves the file as `NAME.cxi.partial`, never as a `.cxi` with wrong
+content; the next `write` starts a new one, so the writer never crash-loops the actor.
+A row holds at most `max_peaks` peaks: a frame with more keeps its strongest (by intensity),
+and the peaks left out are counted in `peaks_truncated`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ RESULT = "/entry_1/result_1"
 DATA = "/entry_1/data_1/data"
 PHOTON_ENERGY = "/LCLS/photon_energy_eV"
 DETECTOR_DISTANCE = "/LCLS/detector_1/EncoderValue"  # mm, as LCLS files hold it
-MAX_PEAKS_CAP = 2048
+MAX_PEAKS_CAP = 2048  # columns of the peak tables (CrystFEL reads any width; files stay small)
+INT64_MAX = 2**63 - 1
+GEOMETRY_LINK = "peaknet-slab.geom"  # points at the geometry of the latest frame layout
 _PEAK_COLUMNS = (  # dataset, results column, dtype
     ("peakXPosRaw", "x", np.float32),
     ("peakYPosRaw", None, np.float32),  # panel*H + y
@@ -92,6 +98,10 @@ class CxiWriter:
         self.peaks_truncated = 0
         self.geometry_path: Path | None = None
 
+    def truncation(self, n_peaks: int) -> int:
+        """Peaks a frame with `n_peaks` loses in its CXI row (the weakest ones)."""
+        return max(0, int(n_peaks) - self.max_peaks)
+
     # ------------------------------------------------------------------------------------------
     # Public API
     # ------------------------------------------------------------------------------------------
@@ -117,18 +127,62 @@ class CxiWriter:
             slab = frame.reshape(p * h, w)
         run = str(result.get("run", 0))
         meta = {**(result.get("meta") or {}), **(meta or {})}
+        row, columns = self._event_row(result, meta), self._peak_columns(peaks, n_found)
         try:
             if self._file is not None and run != self._run:
                 self._finish()  # one run per file
             if self._file is None:
                 self._open(run)
-            self._append(result, peaks, n_found, slab, meta)
+            self._append(row, columns, slab)
+            self.peaks_truncated += n_found - len(columns["peakXPosRaw"])
             if self._events >= self.frames_per_file:
                 self._finish()
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # whatever broke, the file must not pass for a complete one
             self._abandon()
             raise SinkError("cxi", f"{type(exc).__name__}: {exc}") from exc
         return True
+
+    def _event_row(self, result: dict, meta: dict) -> dict[str, Any]:
+        """The per-event scalars, checked (ValueError) before anything is buffered."""
+        def integer(name: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= INT64_MAX:
+                raise ValueError(f"{name} {value!r} is not an int64 >= 0")
+            return int(value)
+
+        def positive(name: str) -> float:
+            value = meta.get(name)
+            if value is None:
+                return math.nan
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"meta {name} {value!r} is not a finite number > 0")
+            return float(value)
+
+        ts = integer("timestamp_ns", result.get("timestamp_ns", 0))
+        return {
+            "/entry_1/timestamp_ns": ts, "/entry_1/seq": integer("seq", result.get("seq", 0)),
+            "/entry_1/source": str(result.get("source", "")), "/entry_1/run": str(result.get("run", 0)),
+            PHOTON_ENERGY: positive("photon_energy_ev"), DETECTOR_DISTANCE: positive("detector_distance_mm"),
+            "/LCLS/machineTime": ts // 10**9, "/LCLS/machineTimeNanoSeconds": ts % 10**9,
+        }
+
+    def _peak_columns(self, peaks: dict, n_found: int) -> dict[str, np.ndarray]:
+        """The row's peak columns: all peaks, or the `max_peaks` strongest in their original
+        (panel) order. Raises ValueError for columns of unequal length or non-numbers."""
+        cols = {}
+        for key in ("panel", "y", "x", "intensity", "npix"):
+            values = np.asarray(peaks.get(key, np.zeros(n_found)), dtype=np.float64)
+            if values.shape != (n_found,):
+                raise ValueError(f"peak column {key} has shape {values.shape}, expected ({n_found},)")
+            cols[key] = values
+        keep = slice(None)
+        if n_found > self.max_peaks:
+            keep = np.sort(np.argsort(-cols["intensity"], kind="stable")[: self.max_peaks])
+        h = self.frame_shape[1]
+        out = {"peakYPosRaw": cols["panel"][keep] * h + cols["y"][keep]}
+        for name, col, _dt in _PEAK_COLUMNS:
+            if col is not None:
+                out[name] = cols[col][keep]
+        return out
 
     def run_end(self, run: int | str | None = None) -> None:
         """Close the current file if it belongs to `run` (any run when None), so the run's files
@@ -158,7 +212,7 @@ class CxiWriter:
     def _open(self, run: str) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self._want_geometry and self.geometry_path is None:
-            self.geometry_path = write_geometry(self.out_dir / f"{self.prefix}.geom", self.frame_shape)
+            self.geometry_path = ensure_geometry(self.out_dir, self.frame_shape)
         n = self._index.get(run, 0)
         while True:
             final = self.out_dir / f"{self.prefix}-r{_safe(run)}-{n:04d}.cxi"
@@ -190,8 +244,9 @@ class CxiWriter:
             f["/entry_1/instrument_1/detector_1/data"] = h5py.SoftLink(DATA)
         f.attrs["creator"] = "peaknet-daemon"
         f.attrs["frame_shape"] = list(self.frame_shape)
+        f.attrs["geometry_file"] = geometry_name(self.frame_shape)
 
-    def _append(self, result: dict, peaks: dict, n_found: int, slab: np.ndarray | None, meta: dict) -> None:
+    def _append(self, row: dict[str, Any], columns: dict[str, np.ndarray], slab: np.ndarray | None) -> None:
         """Frames go straight to the file; peak rows and scalars fill an in-memory block that is
         written a whole chunk at a time (row-by-row writes into compressed chunks cost ~7 ms)."""
         f = self._file
@@ -206,25 +261,10 @@ class CxiWriter:
         if block is None:
             block = self._block = _Block(self.grow_by, self.max_peaks)
         j = block.n
-        n = min(n_found, self.max_peaks)
-        self.peaks_truncated += n_found - n
-        h = self.frame_shape[1]
-        for name, col, _dt in _PEAK_COLUMNS:
-            if col is None:
-                values = (np.asarray(peaks.get("panel", ()), np.float64)[:n] * h
-                          + np.asarray(peaks.get("y", ()), np.float64)[:n])
-            else:
-                values = np.asarray(peaks.get(col, np.zeros(n_found)))[:n]
+        n = len(columns["peakXPosRaw"])
+        for name, values in columns.items():
             block.peaks[name][j, :n] = values
-        ts = int(result.get("timestamp_ns", 0))
-        row = {
-            f"{RESULT}/nPeaks": n, "/entry_1/timestamp_ns": ts, "/entry_1/seq": int(result.get("seq", -1)),
-            "/entry_1/source": str(result.get("source", "")), "/entry_1/run": self._run,
-            PHOTON_ENERGY: float(meta.get("photon_energy_ev", math.nan)),
-            DETECTOR_DISTANCE: float(meta.get("detector_distance_mm", math.nan)),
-            "/LCLS/machineTime": ts // 10**9, "/LCLS/machineTimeNanoSeconds": ts % 10**9,
-        }
-        for path, value in row.items():
+        for path, value in {**row, f"{RESULT}/nPeaks": n, "/entry_1/run": self._run}.items():
             block.scalars[path].append(value)
         block.n = j + 1
         self._events = i + 1
@@ -264,7 +304,7 @@ class CxiWriter:
     def _close_or_raise(self) -> None:
         try:
             self._finish()
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:
             self._abandon()
             raise SinkError("cxi", f"{type(exc).__name__}: {exc}") from exc
 
@@ -282,7 +322,7 @@ class CxiWriter:
                 os.replace(tmp, tmp.with_suffix(".partial"))
             except OSError:
                 pass
-        log.warning("cxi file abandoned after an I/O error", path=str(tmp))
+        log.warning("cxi file abandoned after an error", path=str(tmp.with_suffix(".partial")) if tmp else None)
 
 
 class _Block:
@@ -301,6 +341,51 @@ def _safe(text: str) -> str:
 def _grid(panels: int) -> tuple[int, int]:
     cols = math.ceil(math.sqrt(panels))
     return math.ceil(panels / cols), cols
+
+
+def geometry_name(frame_shape: Sequence[int]) -> str:
+    """One geometry file per frame layout: `peaknet-slab-16x352x384.geom`."""
+    return "peaknet-slab-" + "x".join(str(int(n)) for n in frame_shape) + ".geom"
+
+
+def geometry_matches(path: str | os.PathLike, frame_shape: Sequence[int]) -> bool:
+    """Whether a geometry file's panels are exactly the slab of `frame_shape` (the panel
+    corners, which a user replaces with the detector's metrology, are not compared)."""
+    p, h, w = (int(n) for n in frame_shape)
+    expected = {}
+    for i in range(p):
+        expected.update({f"p{i}/min_fs": 0, f"p{i}/max_fs": w - 1, f"p{i}/min_ss": i * h,
+                         f"p{i}/max_ss": (i + 1) * h - 1})
+    found = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, eq, value = line.split(";")[0].partition("=")
+            key = key.strip()
+            if eq and key.split("/")[-1] in ("min_fs", "max_fs", "min_ss", "max_ss"):
+                found[key] = int(value.strip())
+    except (OSError, ValueError):
+        return False
+    return found == expected
+
+
+def ensure_geometry(out_dir: str | os.PathLike, frame_shape: Sequence[int]) -> Path:
+    """At run start: the layout's geometry file exists and matches the frames (a mismatching one
+    is kept as `*.geom.stale` and rewritten), and `peaknet-slab.geom` points at it."""
+    out_dir = Path(out_dir)
+    path = out_dir / geometry_name(frame_shape)
+    if path.exists() and not geometry_matches(path, frame_shape):
+        os.replace(path, path.with_name(path.name + ".stale"))
+        log.warning("cxi geometry file did not match the frames: rewritten", path=str(path),
+                    frame_shape=list(frame_shape), kept_as=path.name + ".stale")
+    if not path.exists():
+        write_geometry(path, frame_shape)
+    link = out_dir / GEOMETRY_LINK
+    if not (link.is_symlink() and os.readlink(link) == path.name):
+        tmp = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(path.name, tmp)
+        os.replace(tmp, link)
+    return path
 
 
 def write_geometry(path: str | os.PathLike, frame_shape: Sequence[int], pixel_size_m: float = 100e-6,

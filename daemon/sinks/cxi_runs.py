@@ -18,12 +18,9 @@ import numpy as np
 
 from ..config import Config
 from ..log import get_logger
-from . import SinkError
-from .cxi import CxiWriter, default_max_peaks, write_geometry
+from .cxi import CxiWriter, default_max_peaks, ensure_geometry
 
 log = get_logger("peaknet.cxi")
-
-GEOMETRY_FILE = "peaknet-slab.geom"
 
 
 class CxiRunWriters:
@@ -35,6 +32,8 @@ class CxiRunWriters:
     def __init__(self, cfg: Config, prefix: str, on_error: Callable[[Exception], None],
                  queue_frames: int = 32, spawn: Callable[..., threading.Thread] | None = None):
         self.cfg, self.prefix, self.on_error = cfg, prefix, on_error
+        self.max_peaks = default_max_peaks(cfg.pipeline.max_peaks, cfg.pipeline.frame_shape[0])
+        self.peaks_truncated = 0  # peaks left out of CXI rows (the weakest of frames over max_peaks)
         self._writers: dict[Any, CxiWriter] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
         self._current: tuple | None = None  # the item being handled (for the failure handler)
@@ -43,6 +42,11 @@ class CxiRunWriters:
             self._thread.start()
         else:
             self._thread = spawn("cxi", self._loop, self._loop_failed)
+
+    def mark(self, result: dict) -> None:
+        """Set result['truncated']: the peaks this frame's CXI row leaves out (0: none). Called
+        before the result is sent, so consumers see what the files lack."""
+        result["truncated"] = max(0, int(result["n_peaks"]) - self.max_peaks)
 
     def put(self, result: dict, frame: np.ndarray | None, poll_s: float = 0.5) -> None:
         """Queue one event (blocks while the queue is full; raises SinkError once the writer
@@ -102,10 +106,15 @@ class CxiRunWriters:
             finally:
                 extra["done"].set()
             return
+        writer = None
         try:
-            self._writer(arg["run"]).write(arg, extra)
+            writer = self._writer(arg["run"])
+            before = writer.peaks_truncated
+            writer.write(arg, extra)
         except Exception as exc:  # the writer thread must outlive any bad event or full disk
             self.on_error(exc)
+        if writer is not None:
+            self.peaks_truncated += writer.peaks_truncated - before
 
     def _loop_failed(self, exc: BaseException) -> None:
         """The loop itself failed: the event it held is a counted error; a waiting close returns."""
@@ -123,11 +132,9 @@ class CxiRunWriters:
             out, p = self.cfg.output, self.cfg.pipeline
             os.makedirs(out.cxi_dir, exist_ok=True)
             shape = tuple(p.frame_shape)
-            geometry = os.path.join(out.cxi_dir, GEOMETRY_FILE)
-            if not os.path.exists(geometry):
-                write_geometry(geometry, shape)
+            ensure_geometry(out.cxi_dir, shape)  # at run start: the layout's file, checked
             writer = self._writers[run] = CxiWriter(
-                out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=default_max_peaks(p.max_peaks, shape[0]),
+                out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=self.max_peaks,
                 frames_per_file=out.frames_per_file, save_frames=out.save_frames,
                 hit_threshold=out.hit_threshold, compression=out.compression, geometry=False)
         return writer
@@ -138,6 +145,6 @@ class CxiRunWriters:
             return []
         try:
             writer.close()
-        except (SinkError, OSError) as exc:
+        except Exception as exc:
             self.on_error(exc)
         return [str(f) for f in writer.files()]

@@ -26,7 +26,8 @@ class ResultStream:
 
     def __init__(self, cfg: OutputConfig, zmq_context: zmq.Context | None = None,
                  warn_interval_s: float = 10.0, linger_ms: int = 5000, poll_ms: int = 100,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 secure: Callable[[zmq.Socket], None] | None = None):
         if not cfg.results_endpoint:
             raise ValueError("output.results_endpoint is empty: no results stream configured")
         self.endpoint, self.mode = cfg.results_endpoint, cfg.results_mode
@@ -46,6 +47,8 @@ class ResultStream:
             sock.setsockopt(zmq.LINGER, linger_ms)
             if self.mode == "pub":
                 sock.setsockopt(zmq.XPUB_NODROP, 1)
+            if secure is not None:
+                secure(sock)  # CURVE (security.py): before bind/connect
             if cfg.results_bind:
                 sock.bind(self.endpoint)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
