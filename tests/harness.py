@@ -194,3 +194,17 @@ def producer(*args: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "peaknet_producers.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def metrics_from(*polls: list[dict], metrics=None):
+    """What the supervisor does with successive polls of actor stats: the accounting folds
+    them, the metrics display its totals. Returns the Metrics."""
+    from peaknet_daemon.accounting import Accounting
+    from peaknet_daemon.metrics import Metrics
+    m = metrics if metrics is not None else Metrics()
+    acc = Accounting(grace_s=10)
+    for i, poll in enumerate(polls):
+        poll = [{"index": 0, "incarnation": "i0", "runs": [], "controls": [], **s} for s in poll]
+        acc.observe(poll, float(i))
+        m.update(acc.totals(), poll)
+    return m

@@ -18,10 +18,12 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "systemd" / "grafana-dashboard
 def exported() -> dict[str, set[str]]:
     """Every sample name the registry exports -> its label names (each labelled metric fed once)."""
     m = Metrics()
-    m.update_from_stats([{"actor": "h/0", "received": 2, "processed": 1, "peaks": 3, "hits": 1, "missing": 1,
-                          "rejected": {"bad_header": 1}, "sink_errors": {"cxi": 1}, "batch_sizes": [1],
-                          "latencies_s": [0.01], "rss_bytes": 1, "device_mem_bytes": 1}])
-    m.record_restart(frames_lost=1)
+    m.update({"received": 2, "processed": 1, "peaks": 3, "hits": 1, "missing": 1, "control_messages": 1,
+              "restarts": 1, "lost_in_restart": 1, "peaks_truncated": 1, "auth_failures": 1, "peer_disconnects": 1,
+              "rejected": {"bad_header": 1}, "sink_errors": {"cxi": 1}, "thread_failures": {"results": 1},
+              "results_dropped": {"hwm": 1}},
+             [{"actor": "h/0", "batch_sizes": [1], "latencies_s": [0.01], "rss_bytes": 1, "device_mem_bytes": 1,
+               "in_flight": 0, "health": {"healthy": True}}])
     for gauge in (m.gpu_utilization, m.gpu_memory_used, m.gpu_temperature):
         gauge.labels("0").set(1)
     names: dict[str, set[str]] = {}

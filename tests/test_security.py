@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from harness import free_port
+from harness import metrics_from, free_port
 from peaknet_daemon.config import ConfigError, config_from_dict
 from peaknet_daemon.metrics import Metrics
 from peaknet_daemon.security import curve_client, exposure_warnings, keygen_main, load_key_pair
@@ -133,8 +133,7 @@ def test_authorised_producer_is_served_and_unauthorised_peers_are_refused_and_co
     assert final["received"] == final["processed"] == 12
     assert final["rejected"] == {}
     assert final["auth_failures"] >= 3  # intruder, plain sender, plain socket (each may retry)
-    m = Metrics()
-    m.update_from_stats([final])
+    m = metrics_from([final])
     assert m.value("peaknet_auth_failures_total") == final["auth_failures"]
 
 
