@@ -6,7 +6,9 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
 - end-to-end frames/s and GB/s (results received over the steady window),
 - latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate,
 - host cores the daemon's process tree used in the steady window (CPU seconds / wall seconds),
-and the model-only rate of the same model and batch for the ratio (end-to-end / model-only).
+and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
+the bare net's forward rate for PeakNet (what the pipeline overlaps extraction with), the
+finder + extraction rate for the classical finder.
 The `ingest-only` model finds nothing at no cost: its row is what ingest alone moves.
 
   python tools/bench_daemon.py                          # CPU: tiny frames, a quick look
@@ -65,7 +67,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
         "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
-                               for port in ports]},
+                               for port in ports], "processes": args.ingest_processes},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
                    "hit_threshold": args.hit_threshold, "cxi_dir": ""},
         "metrics": {"port": metrics_port, "interval_s": 1.0},
@@ -231,14 +233,15 @@ def frame_bytes(args) -> int:
 
 
 def model_only(model: str, args) -> float:
-    """Frames/s of finder + extraction on a device-resident batch (the same model and batch)."""
+    """Frames/s of the model alone on a device-resident batch (the same model and batch)."""
     import torch
 
     from peaknet_daemon.config import config_from_dict
     from peaknet_daemon.pipeline_throughput import model_only_rate
     cfg = config_from_dict({k: v for k, v in daemon_config(model, args, [0], "", 0).items()
                             if k in ("model", "pipeline")}, "<bench>")
-    return model_only_rate(cfg, seconds=args.seconds, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model_only_rate(cfg, seconds=args.seconds, device=device, bare_net=cfg.model.kind == "peaknet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=64 if gpu else 16)
     p.add_argument("--latency-seconds", type=float, default=4.0)
     p.add_argument("--seconds", type=float, default=5.0, help="model-only measurement time")
+    p.add_argument("--ingest-processes", type=int, default=0, help="ingest.processes (0 = one per socket, at most 4)")
     p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
     p.add_argument("--monitor", action="store_true", help="live page on, read every second as a browser would")
     p.add_argument("--hit-threshold", type=int, default=10, help="output.hit_threshold (0: every frame is a hit)")

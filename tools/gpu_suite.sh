@@ -49,8 +49,10 @@ bench_daemon_row() {  # name, limit, bench_daemon args...
     --timeout 120 --log-dir "$OUT" --json "$OUT/$name.json" "$@"
 }
 runtime_steps() {
-  step runtime_tests 150 python3 -m pytest -q -s -m gpu tests/test_gpu_runtime.py
+  step runtime_tests 200 python3 -m pytest -q -s -m gpu tests/test_gpu_runtime.py tests/test_gpu_pipeline.py
   bench_daemon_row bench_ingest 110 --models ingest-only --producers 1,2,4,8 --frames 4000 --dtype float32
+  bench_daemon_row bench_ingest_p8 60 --models ingest-only --producers 8 --frames 6000 --dtype float32 \
+    --ingest-processes 8
   bench_daemon_row bench_atto_f32 200 --models peaknet-atto --producers 1,2,4,8 --frames 4000 --dtype float32 \
     --compile --compile-mode reduce-overhead
 }
