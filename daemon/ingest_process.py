@@ -87,6 +87,7 @@ class _Filler:
         self.tags: list[list] = []
         self.opened_at = 0.0
         self._reject_log = RateLimitedLog(reject_log_s)
+        self.stop_requested = False
         self._reason_col = {r: REJECTED0 + i for i, r in enumerate(INGEST_REASONS)}
 
     def has_room(self) -> bool:
@@ -95,9 +96,18 @@ class _Filler:
     def send(self, msg: list) -> None:
         self.conn.send_bytes(msgpack.packb(msg, use_bin_type=True))
 
+    def take(self, msg: list) -> None:
+        """A message from the GPU process."""
+        if msg[0] == "slot":
+            self.spare.append(msg[1])
+        elif msg[0] == "stop":
+            self.stop_requested = True
+
     def on_frame(self, frame: np.ndarray, tag: FrameTag) -> None:
         self.counters[FRAMES] += 1
         if self.slot is None:
+            while not self.spare:  # one message can hold several frames (lclstreamer batches)
+                self.take(msgpack.unpackb(self.conn.recv_bytes(), raw=False))
             self.slot = self.spare.pop()
             self.opened_at = time.monotonic()
         np.copyto(self.ring.slots[self.slot][len(self.tags)], frame, casting="no")
@@ -204,11 +214,9 @@ def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent
         events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else DRAIN_IDLE_MS))
         if conn.fileno() in events:
             while conn.poll():
-                msg = msgpack.unpackb(conn.recv_bytes(), raw=False)
-                if msg[0] == "slot":
-                    filler.spare.append(msg[1])
-                elif msg[0] == "stop" and drain_until is None:
-                    drain_until = time.monotonic() + drain_s
+                filler.take(msgpack.unpackb(conn.recv_bytes(), raw=False))
+        if filler.stop_requested and drain_until is None:
+            drain_until = time.monotonic() + drain_s
         if os.getppid() != parent_pid:
             return
         took = 0

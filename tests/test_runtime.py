@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from harness import Results, free_port
-from peaknet_daemon.config import config_from_dict
+from peaknet_daemon.config import config_from_dict, to_dict as config_to_dict
 from peaknet_daemon.worker import Worker
 from test_worker import N, Pusher, cxi_events, frames, results, wait_stats  # noqa: F401 (fixtures)
 
@@ -180,6 +180,26 @@ def test_a_thread_that_keeps_failing_stays_dead_and_the_worker_says_so(running, 
     s = wait_stats(worker, lambda s: not s["workers"]["results"]["alive"])
     assert s["thread_failures"]["results"] == 2 and not s["health"]["healthy"]
     assert "results thread dead" in s["health"]["problems"]
+
+
+def test_an_lclstreamer_batch_larger_than_a_slot_fills_several(tmp_path, results, frames):
+    import io
+    cfg = runtime_config(tmp_path, results.endpoint)
+    cfg = config_from_dict({**{k: v for k, v in config_to_dict(cfg).items()},
+                            "ingest": {"sockets": [{"endpoint": f"ipc://{tmp_path}/npz.ipc", "mode": "bind",
+                                                    "format": "lclstreamer-npz"}]}}, "<test>")
+    worker = Worker(cfg)
+    pusher = Pusher(worker.endpoints[0])
+    try:
+        buf = io.BytesIO()
+        np.savez(buf, detector_data=np.stack(frames[:10]), timestamp=np.arange(10.0))
+        pusher.sock.send(buf.getvalue())  # 10 frames in one message, 4 per slot
+        got = results.wait_count(10)
+        final = worker.stop()
+    finally:
+        pusher.close()
+    assert len(got) == 10 and final["processed"] == 10 and balanced(final)
+    assert final["thread_failures"] == {}
 
 
 @pytest.mark.parametrize("trial", range(20))
