@@ -357,8 +357,9 @@ def run(messages: int, seed: int, warmup: int, workdir: Path, timeout: float) ->
         "every valid npz frame has exactly one result":
             sum(npz_keys.values()) == fuzz.valid_npz and set(npz_keys.values()) <= {1},
         "every malformed message is rejected under its reason": got_rejects == fuzz.expected_rejects,
-        "no frame received without an outcome":
-            after.get("peaknet_frames_received_total", -1) == fuzz.valid_pk + fuzz.valid_npz,
+        "every message taken in is a result or a counted rejection":
+            after.get("peaknet_frames_received_total", -1) == fuzz.valid_pk + fuzz.valid_npz + sum(got_rejects.values())
+            and after.get("peaknet_frames_processed_total", -1) == fuzz.valid_pk + fuzz.valid_npz,
         "no frame of the run missing": after.get("peaknet_frames_missing_total", -1) == 0,
         "a part over max_message_bytes drops its peer, counted":
             dropped.get("peaknet_ingest_disconnects_total", 0) >= 1 and rejected(dropped) == got_rejects,
