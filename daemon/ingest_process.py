@@ -45,7 +45,7 @@ from .wire import Header
 log = get_logger("peaknet.ingest")
 SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
 RECV_BURST = 64  # messages taken off one socket before the others get a turn
-DRAIN_IDLE_MS = 50  # stopping: the sockets' queues are empty when a poll this long finds nothing
+DRAIN_IDLE_MS = 200  # stopping: the sockets' queues are empty when a poll this long finds nothing
 
 
 @dataclass(frozen=True)

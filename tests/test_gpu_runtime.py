@@ -31,7 +31,7 @@ def test_ingest_processes_to_gpu_give_the_reference_peaks(tmp_path, preset):
     results = Results(port)
     sockets = [{"endpoint": f"ipc://{tmp_path}/in{i}.ipc", "mode": "bind"} for i in range(2)]
     cfg = config_from_dict({
-        "model": {"preset": preset},
+        "model": {"preset": preset, "checkpoint": "default" if preset == "peaknet-atto" else ""},
         "pipeline": {"frame_shape": list(SHAPE), "dtype": "float32", "batch_size": 4, "buffers": 3,
                      "max_batch_delay_ms": 5, "device": "cuda", "precision": "fp32", "max_peaks": 64},
         "ingest": {"sockets": sockets, "processes": 2},

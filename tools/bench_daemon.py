@@ -66,8 +66,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
                      "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
-        "ingest": {"sockets": [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8}
-                               for port in ports], "processes": args.ingest_processes},
+        "ingest": {"sockets": ingest_sockets(ports, args), "processes": args.ingest_processes},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
                    "hit_threshold": args.hit_threshold, "cxi_dir": ""},
         "metrics": {"port": metrics_port, "interval_s": 1.0},
@@ -107,11 +106,22 @@ class PageReader:
         self._thread.join()
 
 
+def ingest_sockets(ports: list[int], args) -> list[dict]:
+    """bind: one bound socket per producer (so K producers feed min(K, 4) ingest processes).
+    connect: producers bind, and every ingest process connects to each (PUSH spreads a
+    producer's frames over them), as a daemon does with a detector that binds."""
+    if args.ingest_mode == "bind":
+        return [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "bind", "rcvhwm": 8} for port in ports]
+    threads = args.ingest_processes or 4  # each ingest process connects to every producer
+    return [{"endpoint": f"tcp://127.0.0.1:{port}", "mode": "connect", "rcvhwm": 8, "threads": threads}
+            for port in ports]
+
+
 def producers(ports: list[int], args, frames: int, rate: float) -> list[subprocess.Popen]:
     procs = []
     for i, port in enumerate(ports):
         cmd = [sys.executable, "-m", "peaknet_producers.cli", "random", "--endpoint", f"tcp://127.0.0.1:{port}",
-               "--connect", "--shape", args.frame_shape, "--dtype", args.dtype, "--frames", str(frames),
+               "--bind" if args.ingest_mode == "connect" else "--connect", "--shape", args.frame_shape, "--dtype", args.dtype, "--frames", str(frames),
                "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
@@ -262,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=64 if gpu else 16)
     p.add_argument("--latency-seconds", type=float, default=4.0)
     p.add_argument("--seconds", type=float, default=5.0, help="model-only measurement time")
+    p.add_argument("--ingest-mode", choices=("connect", "bind"), default="connect",
+                   help="connect: the daemon connects to producers that bind (one producer feeds several ingest "
+                        "processes); bind: one bound socket per producer")
     p.add_argument("--ingest-processes", type=int, default=0, help="ingest.processes (0 = one per socket, at most 4)")
     p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
     p.add_argument("--monitor", action="store_true", help="live page on, read every second as a browser would")

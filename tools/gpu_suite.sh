@@ -8,6 +8,8 @@
 #   tools/gpu_suite.sh all        # both of the above in one call (~450 s)
 #   tools/gpu_suite.sh runtime    # the actor runtime: its GPU tests, then bench_daemon ingest-only and
 #                                 # peaknet-atto (float32) at K = 1, 2, 4, 8 producers (~420 s)
+#   tools/gpu_suite.sh final      # GPU tests + ingest-only K=1,8 + peaknet-atto float32 and uint16
+#                                 # K=1,2,4,8, producers binding, the daemon connecting (~560 s)
 #   tools/gpu_suite.sh runtime2   # bench_daemon peaknet-atto uint16 K = 1, 2, 4, 8 and peaknet-small
 #                                 # float32 K = 1, 2, 4, 8 (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
@@ -56,6 +58,15 @@ runtime_steps() {
   bench_daemon_row bench_atto_f32 200 --models peaknet-atto --producers 1,2,4,8 --frames 4000 --dtype float32 \
     --compile --compile-mode reduce-overhead
 }
+final_steps() {  # one call: the GPU tests and the README's runtime table (~560 s)
+  step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_gpu_runtime.py tests/test_gpu_pipeline.py \
+    tests/test_model_original.py
+  bench_daemon_row bench_ingest 70 --models ingest-only --producers 1,8 --frames 6000 --dtype float32
+  bench_daemon_row bench_atto_f32 160 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead
+  bench_daemon_row bench_atto_u16 150 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+}
 runtime2_steps() {
   bench_daemon_row bench_atto_u16 200 --models peaknet-atto --producers 1,2,4,8 --frames 4000 --dtype uint16 \
     --compile --compile-mode reduce-overhead
@@ -83,6 +94,7 @@ PY
 }
 case ${1:-} in
   runtime) runtime_steps ;;
+  final) final_steps ;;
   runtime2) runtime2_steps ;;
   pipeline) pipeline_steps ;;
   small) small_steps ;;
@@ -91,5 +103,5 @@ case ${1:-} in
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
   monitor) monitor_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|runtime2|train|monitor" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor" >&2; exit 2 ;;
 esac
