@@ -38,8 +38,8 @@ from .config import Config, SocketConfig
 from .ingest import FrameTag, SocketReader
 from .log import RateLimitedLog, configure_logging, get_logger
 from .security import SocketGuard
-from .shm_ring import (AUTH_FAILURES, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, PROGRESS_NS,
-                       REJECTED0, SharedRing)
+from .shm_ring import (AUTH_FAILURES, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, REJECTED0,
+                       SharedRing)
 from .wire import Header
 
 log = get_logger("peaknet.ingest")
@@ -112,7 +112,6 @@ class _Filler:
             self.opened_at = time.monotonic()
         np.copyto(self.ring.slots[self.slot][len(self.tags)], frame, casting="no")
         self.tags.append(tag_to_wire(tag))
-        self.counters[PROGRESS_NS] = time.monotonic_ns()
         if len(self.tags) == self.ring.batch:
             self.flush()
 
@@ -253,7 +252,6 @@ class IngestProcess:
         self.outstanding: set[int] = set()  # slots given and not yet returned
         self.got = 0  # frames received from it in batches (this incarnation)
         self.done = False  # said "done" after a stop
-        self.stopping = False
         self.restart_at: float | None = None  # when to start it again after a crash
         self.starts = 0
         self.quick_deaths = 0  # crashes in a row without handing over a batch (restart back-off)
@@ -266,7 +264,7 @@ class IngestProcess:
         self.process.start()
         child.close()
         self.conn = parent
-        self.outstanding, self.got, self.done, self.stopping = set(), 0, False, False
+        self.outstanding, self.got, self.done = set(), 0, False
         self.restart_at = None
         self.starts += 1
 

@@ -25,9 +25,9 @@ import numpy as np
 from .wire import DTYPES, REASONS
 
 # Counter columns of an ingest process's row (int64). Rejections follow, one column per reason.
-FRAMES, CONTROLS, HEARTBEAT_NS, PROGRESS_NS, AUTH_FAILURES, DISCONNECTS = range(6)
+FRAMES, CONTROLS, HEARTBEAT_NS, AUTH_FAILURES, DISCONNECTS = range(5)
 INGEST_REASONS = (*REASONS, "shutdown")
-REJECTED0 = 6
+REJECTED0 = 5
 COLUMNS = REJECTED0 + len(INGEST_REASONS)
 
 
