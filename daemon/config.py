@@ -153,7 +153,8 @@ class GpusConfig:
 class SocketConfig:
     endpoint: str = _f("tcp://127.0.0.1:5555", doc="ZMQ endpoint of the PULL socket")
     mode: Literal["connect", "bind"] = _f("connect", doc="connect: every actor connects; bind: actor i binds port + i")
-    format: Literal["peaknet/1", "lclstreamer-npz"] = _f("peaknet/1", doc="wire format of this socket")
+    format: str = _f("peaknet/1", doc="wire format of this socket: a name in sources.SOURCES (peaknet/1, "
+                                      "lclstreamer-npz, stream2, eiger-v1)")
     rcvhwm: int = _f(64, 1, 1_000_000, doc="ZMQ receive high-water mark, messages")
     max_message_bytes: int = _f(256 * 2**20, 1024, doc="larger messages are rejected")
     threads: int = _f(1, 1, 64, doc="ingest threads (each its own PULL socket) for this endpoint")
@@ -355,6 +356,11 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
     if not cfg.ingest.sockets:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
+    from .sources import SOURCES  # the registry of wire formats (sources/__init__.py)
+    for i, sock in enumerate(cfg.ingest.sockets):
+        if sock.format not in SOURCES:
+            raise ConfigError(f"ingest.sockets[{i}].format", sock.format,
+                              f"unknown wire format (known: {', '.join(SOURCES)})", src)
     if cfg.shutdown.drain_s >= cfg.shutdown.timeout_s:
         raise ConfigError("shutdown.drain_s", cfg.shutdown.drain_s, "must be below shutdown.timeout_s", src)
     if cfg.monitor.enabled and not cfg.metrics.enabled:

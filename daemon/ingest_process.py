@@ -28,19 +28,18 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
 
 from .config import Config, SocketConfig
-from .ingest import FrameTag, SocketReader
+from .ingest import SocketReader
 from .log import RateLimitedLog, configure_logging, get_logger
 from .security import SocketGuard
 from .shm_ring import (AUTH_FAILURES, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, REJECTED0,
                        SharedRing)
-from .wire import Header
+from .sources import ControlEvent, FrameTag
 
 log = get_logger("peaknet.ingest")
 SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
@@ -83,7 +82,7 @@ class _Filler:
         self.counters = ring.counters[row]
         self.max_delay_s = max_delay_s
         self.spare: list[int] = []
-        self.slot: int | None = None
+        self.slot_index: int | None = None
         self.tags: list[list] = []
         self.opened_at = 0.0
         self._reject_log = RateLimitedLog(reject_log_s)
@@ -91,7 +90,7 @@ class _Filler:
         self._reason_col = {r: REJECTED0 + i for i, r in enumerate(INGEST_REASONS)}
 
     def has_room(self) -> bool:
-        return self.slot is not None or bool(self.spare)
+        return self.slot_index is not None or bool(self.spare)
 
     def send(self, msg: list) -> None:
         self.conn.send_bytes(msgpack.packb(msg, use_bin_type=True))
@@ -103,22 +102,25 @@ class _Filler:
         elif msg[0] == "stop":
             self.stop_requested = True
 
-    def on_frame(self, frame: np.ndarray, tag: FrameTag) -> None:
-        self.counters[FRAMES] += 1
-        if self.slot is None:
+    # FrameOut (sources/base.py): the sources write frames straight into the held slot
+    def slot(self) -> np.ndarray:
+        if self.slot_index is None:
             while not self.spare:  # one message can hold several frames (lclstreamer batches)
                 self.take(msgpack.unpackb(self.conn.recv_bytes(), raw=False))
-            self.slot = self.spare.pop()
+            self.slot_index = self.spare.pop()
             self.opened_at = time.monotonic()
-        np.copyto(self.ring.slots[self.slot][len(self.tags)], frame, casting="no")
+        return self.ring.slots[self.slot_index][len(self.tags)]
+
+    def commit(self, tag: FrameTag) -> None:
+        self.counters[FRAMES] += 1
         self.tags.append(tag_to_wire(tag))
         if len(self.tags) == self.ring.batch:
             self.flush()
 
-    def on_control(self, header: Header) -> None:
+    def control(self, event: ControlEvent) -> None:
         self.counters[CONTROLS] += 1
-        self.send(["control", {"type": header.type, "source": header.source, "run": header.run,
-                               "count": header.count}])
+        self.send(["control", {"type": event.type, "source": event.source, "run": event.run,
+                               "count": event.count}])
 
     def on_reject(self, reason: str, detail: str) -> None:
         self.counters[self._reason_col[reason]] += 1
@@ -127,19 +129,19 @@ class _Filler:
                         suppressed=self._reject_log.take_suppressed(reason))
 
     def flush_due(self, now: float) -> None:
-        if self.slot is not None and now - self.opened_at >= self.max_delay_s:
+        if self.slot_index is not None and now - self.opened_at >= self.max_delay_s:
             self.flush()
 
     def ms_until_due(self, now: float) -> int:
-        if self.slot is None:
+        if self.slot_index is None:
             return 50
         return max(0, min(50, int((self.opened_at + self.max_delay_s - now) * 1e3) + 1))
 
     def flush(self) -> None:
-        if self.slot is None:
+        if self.slot_index is None:
             return
-        slot, tags = self.slot, self.tags
-        self.slot, self.tags = None, []
+        slot, tags = self.slot_index, self.tags
+        self.slot_index, self.tags = None, []
         self.send(["batch", slot, len(tags), tags])
 
     def finish(self) -> None:
@@ -175,8 +177,7 @@ def ingest_main(cfg: Config, row: int, specs: list[SocketSpec], ring_args: tuple
         try:
             for spec in specs:
                 readers.append(SocketReader(ctx, spec.cfg, spec.endpoint, tuple(cfg.pipeline.frame_shape),
-                                            cfg.pipeline.dtype, filler.on_frame, filler.on_control,
-                                            filler.on_reject, secure=guard.secure))
+                                            cfg.pipeline.dtype, filler, filler.on_reject, secure=guard.secure))
         except OSError as exc:
             filler.send(["error", str(exc)])
             log.error("ingest_start_failed", ingest=row, error=str(exc))

@@ -19,7 +19,6 @@ bounded by `shutdown.timeout_s`.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing.connection
 import os
 import socket
@@ -34,7 +33,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .config import Config, OutputConfig, SocketConfig
+from .config import Config
 from .ingest import FrameTag, socket_endpoint
 from .ingest_process import IngestProcess, SocketSpec, default_processes, plan_sockets, tag_from_wire
 from .log import RateLimitedLog, get_logger
@@ -45,8 +44,7 @@ from .results import BatchResult, FramePeaks
 from .shm_ring import (AUTH_FAILURES, COLUMNS, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS,
                        REJECTED0, SharedRing)
 from .security import SocketGuard
-from .sinks.cxi_runs import CxiRunWriters
-from .sinks.results_stream import ResultStream
+from .sinks import SINKS, ResultSink, SinkContext
 from .supervision import Supervision
 
 log = get_logger("peaknet.worker")
@@ -91,6 +89,7 @@ class Worker:
         self._hits = 0
         self._rejected: Counter[str] = Counter()  # frame rejections decided here (FRAME_REASONS)
         self._sink_errors: Counter[str] = Counter()
+        self._sinks: dict[str, ResultSink] = {}  # in SINKS order
         self._runs: OrderedDict[tuple[str, Any], list[int]] = OrderedDict()  # -> [processed, min seq, max seq]
         self._controls: deque[dict] = deque(maxlen=CONTROLS_KEPT)
         self._controls_dropped = 0
@@ -130,17 +129,19 @@ class Worker:
                 else:
                     log.warning("ring_not_pinned", worker=self.name, detail="H2D copies run at pageable speed")
             self._warm_up()
-            self._cxi = (CxiRunWriters(cfg, f"w{index}-{self.incarnation[:6]}",
-                                       lambda exc: self._sink_error("cxi", exc),
-                                       queue_frames=2 * cfg.pipeline.batch_size, spawn=self.supervision.spawn)
-                         if cfg.output.cxi_dir else None)
             self._ctx = zmq.Context()
-            self._guard = SocketGuard(cfg.security, self._ctx)  # CURVE on the results stream; refused peers
-            self._stream = (ResultStream(self._results_cfg(), self._ctx, secure=self._guard.secure)
-                            if cfg.output.results_endpoint else None)
+            self._guard = SocketGuard(cfg.security, self._ctx)  # CURVE on sink sockets; refused peers
+            context = SinkContext(self.name, index, f"w{index}-{self.incarnation[:6]}", self._ctx,
+                                  self._guard.secure, self.supervision.spawn, self._sink_error)
+            for name, build in SINKS.items():
+                sink = build(cfg, context)
+                if sink is not None:
+                    self._sinks[name] = sink
             if ingest:
                 self._start_ingest()
         except BaseException:
+            for sink in self._sinks.values():
+                sink.close(0.0)
             self._close_resources()
             raise
         log.info("worker_started", worker=self.name, pid=os.getpid(), device=str(self.pipeline.device),
@@ -170,14 +171,6 @@ class Worker:
             self.pipeline.submit(slot, 1, [None])
             self.pipeline.drain()
         log.info("pipeline_warm", worker=self.name, seconds=round(time.perf_counter() - t0, 2))
-
-    def _results_cfg(self) -> OutputConfig:
-        """In bind mode actor i binds the results port + i, like the ingest sockets."""
-        out = self.cfg.output
-        if not out.results_bind:
-            return out
-        endpoint = socket_endpoint(SocketConfig(endpoint=out.results_endpoint, mode="bind"), self.index)
-        return dataclasses.replace(out, results_endpoint=endpoint)
 
     def _start_ingest(self) -> None:
         for child in self._children:
@@ -364,12 +357,10 @@ class Worker:
 
     # ------------------------------------------------------------------ results thread
     def _keep_input(self, peaks: FramePeaks) -> bool:
-        """Which frames' data the CXI writer or the monitor needs (copied out before the slot is reused)."""
-        out = self.cfg.output
-        monitor = self._monitor is not None and self._monitor.wants_frame(peaks.n_peaks)
-        if not out.cxi_dir or out.save_frames == "none":
-            return monitor
-        return monitor or out.save_frames == "all" or peaks.n_peaks >= out.hit_threshold
+        """Which frames' data a sink or the monitor needs (copied out before the slot is reused)."""
+        n = peaks.n_peaks
+        return ((self._monitor is not None and self._monitor.wants_frame(n))
+                or any(sink.wants_frame(n) for sink in self._sinks.values()))
 
     def _collect(self, block: bool) -> list[BatchResult]:
         """Finished batches; a batch the device failed on is counted and logged, never fatal."""
@@ -434,18 +425,11 @@ class Worker:
             self._write_tally()
 
     def _deliver(self, result: dict, frame: np.ndarray | None) -> None:
-        if self._cxi is not None:
-            self._cxi.mark(result)  # issue 11: result['truncated'] before anyone sees the result
-        if self._stream is not None:
+        for name, sink in self._sinks.items():  # in SINKS order: CXI first marks result['truncated']
             try:
-                self._stream.send(result)
-            except Exception as exc:  # a results consumer must never take the worker down
-                self._sink_error("results", exc)
-        if self._cxi is not None:
-            try:
-                self._cxi.put(result, frame)
-            except Exception as exc:  # a dead CXI writer must not hold up the results
-                self._sink_error("cxi", exc)
+                sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
+            except Exception as exc:  # a sink's consumer or disk must never take the worker down
+                self._sink_error(name, exc)
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:
@@ -555,8 +539,11 @@ class Worker:
         """CXI truncation, results not sent, refused peers and dropped ingest peers (the ingest
         processes count theirs in the shared counters)."""
         c = self._ingest_counts()
-        return {"peaks_truncated": self._cxi.peaks_truncated if self._cxi is not None else 0,
-                "results_dropped": dict(self._stream.dropped) if self._stream is not None else {},
+        dropped: Counter[str] = Counter()
+        for sink in self._sinks.values():
+            dropped.update(getattr(sink, "dropped", {}))
+        return {"peaks_truncated": sum(getattr(s, "peaks_truncated", 0) for s in self._sinks.values()),
+                "results_dropped": dict(dropped),
                 "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES]),
                 "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])}
 
@@ -567,7 +554,13 @@ class Worker:
 
     def close_run(self, run: Any, timeout: float = 60.0) -> list[str]:
         """Close the CXI file of a finished run; returns this worker's completed files of it."""
-        return self._cxi.close_run(run, timeout) if self._cxi is not None else []
+        files: list[str] = []
+        for name, sink in self._sinks.items():
+            try:
+                files += sink.close_run(run, timeout)
+            except Exception as exc:
+                self._sink_error(name, exc)
+        return files
 
     def stop(self, timeout: Optional[float] = None) -> dict:
         """Drain the sockets' queues, finish every frame received, flush and close the sinks;
@@ -599,8 +592,8 @@ class Worker:
         still = self.supervision.join(late, roles)
         if still:
             log.error("stop_threads_late", worker=self.name, roles=still)
-            if self._stream is not None:
-                self._stream.close(linger_ms=0)  # unblocks a send waiting on a consumer that is gone
+            for sink in self._sinks.values():
+                sink.close(0.0)  # unblocks a put waiting on a consumer that is gone
             still = self.supervision.join(deadline - 1.0, roles)
         self._done.set()
         self.supervision.join(deadline - 0.5, ("slots",))
@@ -617,11 +610,12 @@ class Worker:
         return final
 
     def _close_sinks(self, deadline: float) -> None:
-        if self._cxi is not None:
-            if not self._cxi.close(timeout=max(0.5, deadline - time.monotonic() - 0.5)):
-                self._sink_error("cxi", TimeoutError("CXI writer did not finish within the stop time"))
-        if self._stream is not None:
-            self._stream.close(linger_ms=int(max(0.0, min(5.0, deadline - time.monotonic())) * 1e3))
+        for name, sink in self._sinks.items():
+            try:
+                if not sink.close(max(0.5, min(deadline - time.monotonic() - 0.5, 30.0))):
+                    self._sink_error(name, TimeoutError(f"the {name} sink did not finish within the stop time"))
+            except Exception as exc:
+                self._sink_error(name, exc)
 
     def _close_resources(self) -> None:
         self._done.set()

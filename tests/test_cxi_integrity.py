@@ -9,8 +9,8 @@ import pytest
 
 from peaknet_daemon.config import config_from_dict
 from peaknet_daemon.sinks import CxiWriter, SinkError
-from peaknet_daemon.sinks.cxi import GEOMETRY_LINK, ensure_geometry, geometry_matches, write_geometry
-from peaknet_daemon.sinks.cxi_runs import CxiRunWriters
+from peaknet_daemon.sinks.cxi_file import GEOMETRY_LINK, ensure_geometry, geometry_matches, write_geometry
+from peaknet_daemon.sinks.cxi import CxiSink
 from test_sinks import SHAPE, frame, make_result, writer
 
 
@@ -33,7 +33,7 @@ def test_row_cap_keeps_the_strongest_peaks_of_every_panel(tmp_path):
 def test_run_writers_count_truncation_and_mark_the_result(tmp_path):
     cfg = config_from_dict({"pipeline": {"frame_shape": list(SHAPE), "dtype": "float32", "max_peaks": 1},
                             "output": {"cxi_dir": str(tmp_path), "save_frames": "all"}})
-    sink = CxiRunWriters(cfg, "w0", lambda exc: pytest.fail(str(exc)))
+    sink = CxiSink(cfg, "w0", lambda exc: pytest.fail(str(exc)))
     assert sink.max_peaks == 3  # 1 per panel x 3 panels
     results = [make_result(0, [(0, 1, 1, float(i), 1) for i in range(5)]), make_result(1, [(0, 1, 1, 1, 1)])]
     for r in results:

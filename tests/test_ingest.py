@@ -15,18 +15,24 @@ SHAPE, DTYPE = (2, 8, 8), "float32"
 
 
 class Collector:
+    """A FrameOut (sources/base.py) that keeps what the sources decoded, and the rejections."""
+
     def __init__(self):
         self.frames, self.controls, self.rejects = [], [], []
         self.cond = threading.Condition()
+        self.buffer = np.empty(SHAPE, np.dtype(DTYPE))
 
-    def on_frame(self, array, tag):
+    def slot(self):
+        return self.buffer
+
+    def commit(self, tag):
         with self.cond:
-            self.frames.append((array.copy(), tag))
+            self.frames.append((self.buffer.copy(), tag))
             self.cond.notify_all()
 
-    def on_control(self, header):
+    def control(self, event):
         with self.cond:
-            self.controls.append(header)
+            self.controls.append(event)
             self.cond.notify_all()
 
     def on_reject(self, reason, detail):
@@ -82,7 +88,7 @@ def open_reader(tmp_path):
         col = Collector()
         endpoint = f"ipc://{tmp_path}/in{len(running)}.sock"
         cfg = SocketConfig(endpoint=endpoint, mode="bind", format=fmt, max_message_bytes=64 * 1024)
-        reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col.on_frame, col.on_control, col.on_reject)
+        reader = SocketReader(ctx, cfg, endpoint, SHAPE, DTYPE, col, col.on_reject)
         stop = threading.Event()
         thread = threading.Thread(target=reader.run, args=(stop,))
         thread.start()

@@ -126,7 +126,7 @@ def test_a_result_thread_fault_is_counted_and_the_thread_restarts(running, resul
 
 def test_a_cxi_writer_fault_is_a_sink_error_and_the_writer_restarts(running, results, frames, monkeypatch, tmp_path):
     worker, pusher = running()
-    monkeypatch.setattr(worker._cxi, "_handle", FailOnce(worker._cxi._handle))
+    monkeypatch.setattr(worker._sinks["cxi"], "_handle", FailOnce(worker._sinks["cxi"]._handle))
     pusher.send(frames)
     assert len(results.wait_count(N)) == N  # results do not wait for the disk
     s = wait_stats(worker, lambda s: s["sink_errors"].get("cxi", 0) == 1 and s["processed"] == N)

@@ -11,7 +11,7 @@ import zmq
 
 from peaknet_daemon.config import OutputConfig
 from peaknet_daemon.sinks import CxiWriter, ResultStream, SinkError, write_geometry
-from peaknet_daemon.sinks.cxi import default_max_peaks
+from peaknet_daemon.sinks.cxi_file import default_max_peaks
 from peaknet_daemon.wire import RESULT_PROTO, decode_result
 
 SHAPE = (3, 8, 12)  # panels, H, W
@@ -270,7 +270,7 @@ def test_pub_drops_without_subscriber_and_delivers_with_one():
             assert seq < 200
         assert decode_result(sub.recv())["seq"] >= 1
         assert stream.sent >= 1
-        stream.close(linger_ms=0)
+        stream.close(0)
         sub.close(0)
     finally:
         ctx.term()
@@ -284,19 +284,19 @@ def test_bind_failure_is_a_sink_error():
         taken = OutputConfig(results_endpoint=a.endpoint, results_bind=True)
         with pytest.raises(SinkError):
             ResultStream(taken, zmq_context=ctx)
-        a.close(linger_ms=0)
+        a.close(0)
     finally:
         ctx.term()
 
 
 def test_run_writers_close_a_run_after_its_queued_events_and_count_errors(tmp_path):
     from peaknet_daemon.config import config_from_dict
-    from peaknet_daemon.sinks.cxi_runs import CxiRunWriters
+    from peaknet_daemon.sinks.cxi import CxiSink
 
     cfg = config_from_dict({"pipeline": {"frame_shape": list(SHAPE), "dtype": "float32", "max_peaks": 4},
                             "output": {"cxi_dir": str(tmp_path), "save_frames": "all"}})
     errors = []
-    sink = CxiRunWriters(cfg, "w0", errors.append, queue_frames=2)
+    sink = CxiSink(cfg, "w0", errors.append, queue_frames=2)
     for seq in range(5):  # more than the queue holds: put() waits for the writer
         sink.put(make_result(seq, [(0, 1.0, 2.0, 3.0, 1)], run=1), frame(seq))
     sink.put(make_result(9, [], run=1), None)  # save_frames 'all' needs the frame: an error, not a crash

@@ -7,8 +7,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from peaknet_daemon.wire import (INT64_MAX, MAX_META_KEYS, MAX_RUN_FRAMES, REASONS, NpzDecoder, Rejected,
+from peaknet_daemon.wire import (INT64_MAX, MAX_META_KEYS, MAX_RUN_FRAMES, REASONS, Rejected,
                                  decode_header, encode_control, encode_frame)
+from peaknet_daemon.sources.lclstreamer import NpzDecoder
 
 SHAPE = (2, 8, 8)
 

@@ -1,6 +1,14 @@
-"""Where peak lists go: the results stream (ZMQ) and CXI files (HDF5) that CrystFEL reads."""
+"""Where results go, one file per output; each satisfies `ResultSink` (base.py).
+
+The worker builds every sink in SINKS whose config section asks for it, and hands each result
+to them in this order. The CXI sink comes first: it marks `result['truncated']` (the peaks its
+rows leave out) before the results stream sends the result. A new sink is one module plus one
+line here.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 
 class SinkError(Exception):
@@ -12,7 +20,15 @@ class SinkError(Exception):
         super().__init__(f"{sink}: {message}")
 
 
-from .cxi import CxiWriter, write_geometry  # noqa: E402  (they import SinkError from here)
+from .base import ResultSink, SinkContext  # noqa: E402
+from .cxi import CxiSink  # noqa: E402  (the sinks import SinkError from here)
+from .cxi_file import CxiWriter, write_geometry  # noqa: E402
 from .results_stream import ResultStream  # noqa: E402
 
-__all__ = ["SinkError", "CxiWriter", "write_geometry", "ResultStream"]
+SINKS: dict[str, Callable[..., ResultSink | None]] = {
+    "cxi": CxiSink.from_config,
+    "results_stream": ResultStream.from_config,
+}
+
+__all__ = ["SINKS", "ResultSink", "SinkContext", "SinkError", "CxiSink", "CxiWriter", "write_geometry",
+           "ResultStream"]

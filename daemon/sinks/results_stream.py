@@ -7,16 +7,18 @@ send HWM, are dropped and counted. PUB is an XPUB with NODROP so both cases are 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any, Callable
 
 import zmq
 
-from ..config import OutputConfig
+from ..config import Config, OutputConfig
 from ..log import get_logger
 from ..wire import encode_result
 from . import SinkError
+from .base import SinkContext, bind_endpoint
 
 log = get_logger(__name__)
 
@@ -138,14 +140,37 @@ class ResultStream:
     def stats(self) -> dict[str, Any]:
         return {"sent": self.sent, "dropped": dict(self.dropped), "blocked_s": self.blocked_s}
 
-    def close(self, linger_ms: int | None = None) -> None:
-        """Stop sending (a blocked `send` returns within poll_ms), then close with linger so
-        queued results still reach a consumer. Idempotent; safe from another thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop sending (a blocked `send` returns within poll_ms), then close, lingering up to
+        `timeout` s (default: the stream's linger) so queued results still reach a consumer.
+        Idempotent; safe from another thread."""
         self._closing.set()
         with self._lock:
             sock, self._sock = self._sock, None
             if sock is None:
-                return
-            sock.close(self._linger_ms if linger_ms is None else linger_ms)
+                return True
+            sock.close(self._linger_ms if timeout is None else int(max(0.0, timeout) * 1e3))
             if self._own_ctx:
                 self._ctx.term()
+        return True
+
+    # ResultSink (base.py)
+    @classmethod
+    def from_config(cls, cfg: Config, ctx: SinkContext) -> "ResultStream | None":
+        """The stream of `output.results_endpoint` (None when empty); in bind mode actor i binds
+        the port + i, like the ingest sockets."""
+        out = cfg.output
+        if not out.results_endpoint:
+            return None
+        if out.results_bind:
+            out = dataclasses.replace(out, results_endpoint=bind_endpoint(out.results_endpoint, ctx.index))
+        return cls(out, ctx.zmq_context, secure=ctx.secure)
+
+    def wants_frame(self, n_peaks: int) -> bool:
+        return False
+
+    def put(self, result: dict[str, Any], frame: Any = None) -> None:
+        self.send(result)
+
+    def close_run(self, run: Any, timeout: float = 0.0) -> list[str]:
+        return []
