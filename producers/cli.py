@@ -14,6 +14,7 @@ import threading
 from typing import Sequence
 
 from .errors import ProducerError
+from .formats import ENCODERS
 
 PROG = "peaknet-producer"
 
@@ -58,6 +59,8 @@ def _common(p: argparse.ArgumentParser, frames_default: int | None) -> None:
     g.add_argument("--timeout", type=float, default=10.0,
                    help="s to wait for a consumer to take a message before giving up")
     g.add_argument("--sources", type=int, default=1, help="run K sources, one process each")
+    g.add_argument("--format", default="peaknet/1", choices=sorted(ENCODERS),
+                   help="wire format: the daemon's peaknet/1, or as a detector sends it")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
     g.add_argument("--curve-client-key", default="", metavar="FILE",
                    help="CURVE: this producer's key pair (.key_secret from peaknet-keygen)")
@@ -133,7 +136,7 @@ def _send(args: argparse.Namespace, items, stop: threading.Event, source: str, r
         items, args.endpoint, bind=args.bind, source=source, run=run,
         frames=args.frames or None, rate=args.rate, hwm=args.hwm, linger_ms=args.linger,
         timeout_s=args.timeout, stop=stop, on_sent=on_sent, progress=_progress(args),
-        curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key)
+        curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key, format=args.format)
     print(summary.line(), flush=True)
     return 0
 

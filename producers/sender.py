@@ -9,18 +9,19 @@ what was counted as sent was delivered.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import zmq
 
 from peaknet_daemon.security import curve_client
-from peaknet_daemon.wire import encode_control, encode_frame
-
 from .errors import ProducerError
+from .formats import ENCODERS
 from .item import Item
 from .pacing import Pacer
 from .progress import Progress, Summary
@@ -108,10 +109,19 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
                  stop: threading.Event | None = None,
                  on_sent: Callable[[int, Item], None] | None = None,
                  progress: bool = False, start_meta: dict | None = None,
-                 curve_client_key: str = "", curve_server_key: str = "") -> Summary:
+                 curve_client_key: str = "", curve_server_key: str = "",
+                 format: str = "peaknet/1") -> Summary:
     """Send `start`, up to `frames` items (all when None) at `rate` Hz (0 = as fast as
     possible), then `end` with the count, also when stopped or when the items fail midway.
-    `on_sent(seq, item)` runs after each frame is handed to the socket."""
+    `on_sent(seq, item)` runs after each frame is handed to the socket. `format` names the
+    wire format (formats.ENCODERS)."""
+    if format not in ENCODERS:
+        raise ProducerError(f"unknown format {format!r} (known: {', '.join(ENCODERS)})")
+    encoder = ENCODERS[format]()
+    items = iter(items)
+    first = next(items, None)
+    if first is not None:
+        items = itertools.chain([first], items)
     sender = Sender(SenderOptions(endpoint, bind, hwm, linger_ms, timeout_s, curve_client_key,
                                   curve_server_key), stop)
     pacer = Pacer(rate, stop)
@@ -120,7 +130,8 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
     t_first: float | None = None
     started = False
     try:
-        started = sender.send(encode_control("start", source, run, meta=start_meta))
+        shape_of = np.asarray(first.data) if first is not None else np.zeros((1, 1, 1), np.uint16)
+        started = sender.send(encoder.start(source, run, dict(start_meta or {}), shape_of))
         if not started:
             raise ProducerError(f"stopped before a consumer at {endpoint} took the start message")
         for seq, item in enumerate(items):
@@ -130,8 +141,7 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
                 break
             if t_first is None:
                 t_first = time.monotonic()
-            parts = encode_frame(item.data, source, seq, run, timestamp_ns=item.timestamp_ns,
-                                 meta=item.meta)
+            parts = encoder.frame(item.data, source, seq, run, item.timestamp_ns, item.meta)
             if not sender.send(parts):
                 break
             count += 1
@@ -146,7 +156,7 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
         bar.close()
         try:
             if started and not sender.link_dead:
-                sender.send(encode_control("end", source, run, count=count), honour_stop=False)
+                sender.send(encoder.end(source, run, count), honour_stop=False)
         finally:
             sender.close()
     seconds = time.monotonic() - t_first if t_first is not None else 0.0
