@@ -36,10 +36,10 @@ _LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_er
              "thread_failures": ("thread_failures", "role"), "results_dropped": ("results_dropped", "reason")}
 
 
-def process_rss_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+def process_rss_bytes(pid: int | None = None) -> int:
+    """The resident set size of this process, or of `pid` (Linux /proc; 0 elsewhere)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
@@ -130,6 +130,8 @@ class Metrics:
                                    ("in_flight", self.frames_in_flight)):
                     if key in s:
                         gauge.labels(actor).set(s[key])
+                for i, rss in enumerate(s.get("ingest_rss_bytes") or ()):
+                    self.rss_bytes.labels(f"{actor}/ingest{i}").set(rss)
                 if "health" in s:
                     self.actor_healthy.labels(actor).set(1 if s["health"].get("healthy") else 0)
             self.actors_alive.set(alive if actors_alive is None else actors_alive)

@@ -121,7 +121,7 @@ class Supervisor:
             self.accounting.observe([{"index": state.index, "incarnation": info["incarnation"], "runs": [],
                                       "controls": []}], time.monotonic())
             endpoints += info["endpoints"]
-            log.info("actor_ready", **info)
+            log.info("actor_ready", actor=state.index, **info)
         self._serve_metrics()
         self.notifier.ready()
         self.notifier.status(f"{len(self.actors)} actors up ({'GPU' if use_gpu else 'CPU'})")

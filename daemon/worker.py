@@ -45,6 +45,7 @@ from .shm_ring import (AUTH_FAILURES, COLUMNS, CONTROLS, DISCONNECTS, FRAMES, HE
                        REJECTED0, SharedRing)
 from .security import SocketGuard
 from .sinks import SINKS, ResultSink, SinkContext
+from .sinks.cxi_file import default_max_peaks
 from .supervision import Supervision
 
 log = get_logger("peaknet.worker")
@@ -90,6 +91,8 @@ class Worker:
         self._rejected: Counter[str] = Counter()  # frame rejections decided here (FRAME_REASONS)
         self._sink_errors: Counter[str] = Counter()
         self._sinks: dict[str, ResultSink] = {}  # in SINKS order
+        self._cxi_cap = (default_max_peaks(cfg.pipeline.max_peaks, cfg.pipeline.frame_shape[0])
+                         if cfg.output.cxi_dir else None)  # peaks a CXI row holds
         self._runs: OrderedDict[tuple[str, Any], list[int]] = OrderedDict()  # -> [processed, min seq, max seq]
         self._controls: deque[dict] = deque(maxlen=CONTROLS_KEPT)
         self._controls_dropped = 0
@@ -386,10 +389,16 @@ class Worker:
             self._reject_frames("internal_error", len(held), f"result thread failed: {exc!r}")
 
     def _handle_batch(self, batch: BatchResult, deliver: bool = True) -> None:
+        """Count the batch's results, write the tally, then hand the results to the sinks.
+
+        The tally is written before any result leaves, and the results stream (the first sink)
+        sends the whole batch right after it: a `kill -9` between the two is a window of
+        microseconds, so a dead actor's tally matches the results it sent."""
         out = self.cfg.output
         inputs = batch.inputs
         self._held_results = list(batch.tags)
         bad = set(batch.nonfinite)
+        ready: list[tuple[dict, Optional[np.ndarray]]] = []
         for i, (tag, peaks) in enumerate(zip(batch.tags, batch.frames)):
             if i in bad:  # NaN or Inf in the frame (found on the device): no result
                 with self._stats_lock:
@@ -397,10 +406,9 @@ class Worker:
                 self._reject_frames("non_finite", 1, f"{tag.source}#{tag.seq}: NaN or Inf in the frame")
                 continue
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
-            if deliver:
-                self._deliver(result, None if inputs is None else inputs[i])
-            if self._monitor is not None:
-                self._monitor.offer(result, None if inputs is None else inputs[i])
+            if self._cxi_cap is not None:  # the peaks its CXI row leaves out, before anyone sees it
+                result["truncated"] = max(0, peaks.n_peaks - self._cxi_cap)
+            ready.append((result, None if inputs is None else inputs[i]))
             with self._stats_lock:
                 self._held_results.pop(0)
                 self._processed += 1
@@ -423,13 +431,18 @@ class Worker:
         self._last_batch_done = time.monotonic()
         if deliver:
             self._write_tally()
+            self._deliver(ready)
+        if self._monitor is not None:
+            for result, frame in ready:
+                self._monitor.offer(result, frame)
 
-    def _deliver(self, result: dict, frame: np.ndarray | None) -> None:
-        for name, sink in self._sinks.items():  # in SINKS order: CXI first marks result['truncated']
-            try:
-                sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
-            except Exception as exc:  # a sink's consumer or disk must never take the worker down
-                self._sink_error(name, exc)
+    def _deliver(self, ready: list[tuple[dict, Optional[np.ndarray]]]) -> None:
+        for name, sink in self._sinks.items():  # in SINKS order: the results stream first
+            for result, frame in ready:
+                try:
+                    sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
+                except Exception as exc:  # a sink's consumer or disk must never take the worker down
+                    self._sink_error(name, exc)
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:
@@ -528,6 +541,7 @@ class Worker:
                 "controls_dropped": self._controls_dropped,
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(), "device_mem_bytes": self._device_memory(),
+                "ingest_rss_bytes": self._ingest_rss(),
                 "health": health, "workers": workers,
                 **self._integrity_stats(),
             }
@@ -546,6 +560,12 @@ class Worker:
                 "results_dropped": dict(dropped),
                 "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES]),
                 "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])}
+
+    def _ingest_rss(self) -> list[int]:
+        """Resident memory of each ingest process (0 for one that is down)."""
+        with self._children_lock:
+            return [process_rss_bytes(c.process.pid) if c.alive() and c.process is not None else 0
+                    for c in self._children]
 
     def _device_memory(self) -> int:
         import torch

@@ -14,6 +14,7 @@
 #                                 # float32 K = 1, 2, 4, 8 (~450 s)
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
 #   tools/gpu_suite.sh monitor    # bench_daemon peaknet-atto K=1, live page off/on/off/on (~300 s)
+#   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -28,6 +29,10 @@ step() {  # name, limit in s, command...: output to the terminal and $OUT/name.t
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
   timeout -k 15 "$limit" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
   tail -n 40 "$OUT/$name.txt"; echo "=== $name rc=$rc"
+}
+gpu_tests() {  # every GPU test; the failures' tracebacks in $OUT/gpu_tests.txt
+  step gpu_tests 200 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider tests/test_gpu_runtime.py \
+    tests/test_gpu_pipeline.py tests/test_model_original.py
 }
 pipeline_steps() {
   nvidia-smi --query-gpu=name,driver_version,temperature.gpu,memory.used --format=csv
@@ -59,8 +64,7 @@ runtime_steps() {
     --compile --compile-mode reduce-overhead
 }
 final_steps() {  # one call: the GPU tests and the README's runtime table (~560 s)
-  step gpu_tests 170 python3 -m pytest -q -m gpu tests/test_gpu_runtime.py tests/test_gpu_pipeline.py \
-    tests/test_model_original.py
+  gpu_tests
   bench_daemon_row bench_ingest 70 --models ingest-only --producers 1,8 --frames 6000 --dtype float32
   bench_daemon_row bench_atto_f32 160 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
     --compile --compile-mode reduce-overhead
@@ -103,5 +107,6 @@ case ${1:-} in
   train)
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
   monitor) monitor_steps ;;
+  tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor" >&2; exit 2 ;;
 esac

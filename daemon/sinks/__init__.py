@@ -1,9 +1,9 @@
 """Where results go, one file per output; each satisfies `ResultSink` (base.py).
 
-The worker builds every sink in SINKS whose config section asks for it, and hands each result
-to them in this order. The CXI sink comes first: it marks `result['truncated']` (the peaks its
-rows leave out) before the results stream sends the result. A new sink is one module plus one
-line here.
+The worker builds every sink in SINKS whose config section asks for it, and hands each batch
+of results to them in this order. The results stream comes first: it sends a batch right after
+the worker's tally file has counted it, so what a killed actor sent and what its tally says
+agree. A new sink is one module plus one line here.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .cxi_file import CxiWriter, write_geometry  # noqa: E402
 from .results_stream import ResultStream  # noqa: E402
 
 SINKS: dict[str, Callable[..., ResultSink | None]] = {
-    "cxi": CxiSink.from_config,
     "results_stream": ResultStream.from_config,
+    "cxi": CxiSink.from_config,
 }
 
 __all__ = ["SINKS", "ResultSink", "SinkContext", "SinkError", "CxiSink", "CxiWriter", "write_geometry",

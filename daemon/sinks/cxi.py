@@ -54,9 +54,9 @@ class CxiSink:
                    queue_frames=2 * cfg.pipeline.batch_size, spawn=ctx.spawn)
 
     def mark(self, result: dict) -> None:
-        """Set result['truncated']: the peaks this frame's CXI row leaves out (0: none). `put`
-        does it first; the worker hands results to this sink before the others, so consumers
-        of the results stream see what the files lack."""
+        """Set result['truncated']: the peaks this frame's CXI row leaves out (0: none). The
+        worker sets the same before any sink sees the result, so consumers of the results
+        stream see what the files lack; `put` sets it for callers that use this sink alone."""
         result["truncated"] = max(0, int(result["n_peaks"]) - self.max_peaks)
 
     def wants_frame(self, n_peaks: int) -> bool:
