@@ -61,6 +61,9 @@ def _common(p: argparse.ArgumentParser, frames_default: int | None) -> None:
     g.add_argument("--sources", type=int, default=1, help="run K sources, one process each")
     g.add_argument("--format", default="peaknet/1", choices=sorted(ENCODERS),
                    help="wire format: the daemon's peaknet/1, or as a detector sends it")
+    g.add_argument("--io-threads", type=int, default=1,
+                   help="ZMQ I/O threads: one moves ~5 GB/s; a bound producer with several connected "
+                        "ingest processes spreads them over its threads, as a detector's sender does")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
     g.add_argument("--curve-client-key", default="", metavar="FILE",
                    help="CURVE: this producer's key pair (.key_secret from peaknet-keygen)")
@@ -136,7 +139,8 @@ def _send(args: argparse.Namespace, items, stop: threading.Event, source: str, r
         items, args.endpoint, bind=args.bind, source=source, run=run,
         frames=args.frames or None, rate=args.rate, hwm=args.hwm, linger_ms=args.linger,
         timeout_s=args.timeout, stop=stop, on_sent=on_sent, progress=_progress(args),
-        curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key, format=args.format)
+        curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key, format=args.format,
+        io_threads=args.io_threads)
     print(summary.line(), flush=True)
     return 0
 

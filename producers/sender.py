@@ -38,6 +38,7 @@ class SenderOptions:
     timeout_s: float = 10.0
     curve_client_key: str = ""  # this producer's .key_secret file (peaknet-keygen)
     curve_server_key: str = ""  # the daemon's public .key file
+    io_threads: int = 1  # ZMQ I/O threads; each peer connection is served by one of them
 
 
 class Sender:
@@ -46,7 +47,9 @@ class Sender:
 
     def __init__(self, opts: SenderOptions, stop: threading.Event | None = None):
         self.opts, self.stop = opts, stop
-        self.ctx = zmq.Context()
+        if opts.io_threads < 1:
+            raise ProducerError(f"--io-threads must be >= 1, got {opts.io_threads}")
+        self.ctx = zmq.Context(io_threads=opts.io_threads)
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, opts.hwm)
         self.sock.setsockopt(zmq.LINGER, opts.linger_ms)
@@ -110,7 +113,7 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
                  on_sent: Callable[[int, Item], None] | None = None,
                  progress: bool = False, start_meta: dict | None = None,
                  curve_client_key: str = "", curve_server_key: str = "",
-                 format: str = "peaknet/1") -> Summary:
+                 format: str = "peaknet/1", io_threads: int = 1) -> Summary:
     """Send `start`, up to `frames` items (all when None) at `rate` Hz (0 = as fast as
     possible), then `end` with the count, also when stopped or when the items fail midway.
     `on_sent(seq, item)` runs after each frame is handed to the socket. `format` names the
@@ -123,7 +126,7 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
     if first is not None:
         items = itertools.chain([first], items)
     sender = Sender(SenderOptions(endpoint, bind, hwm, linger_ms, timeout_s, curve_client_key,
-                                  curve_server_key), stop)
+                                  curve_server_key, io_threads), stop)
     pacer = Pacer(rate, stop)
     bar = Progress(progress, frames)
     count = nbytes = 0

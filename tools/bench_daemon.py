@@ -122,7 +122,8 @@ def producers(ports: list[int], args, frames: int, rate: float) -> list[subproce
     for i, port in enumerate(ports):
         cmd = [sys.executable, "-m", "peaknet_producers.cli", "random", "--endpoint", f"tcp://127.0.0.1:{port}",
                "--bind" if args.ingest_mode == "connect" else "--connect", "--shape", args.frame_shape, "--dtype", args.dtype, "--frames", str(frames),
-               "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i)]
+               "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i),
+               "--io-threads", str(args.producer_io_threads)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
 
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="connect: the daemon connects to producers that bind (one producer feeds several ingest "
                         "processes); bind: one bound socket per producer")
     p.add_argument("--ingest-processes", type=int, default=0, help="ingest.processes (0 = one per socket, at most 4)")
+    p.add_argument("--producer-io-threads", type=int, default=1,
+                   help="ZMQ I/O threads of each producer (connect mode: spreads its ingest connections)")
     p.add_argument("--gpus", type=int, default=1, help="actors (GPUs) to use; 0 = all healthy")
     p.add_argument("--monitor", action="store_true", help="live page on, read every second as a browser would")
     p.add_argument("--hit-threshold", type=int, default=10, help="output.hit_threshold (0: every frame is a hit)")
