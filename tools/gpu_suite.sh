@@ -15,6 +15,8 @@
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
 #   tools/gpu_suite.sh monitor    # bench_daemon peaknet-atto K=1, live page off/on/off/on (~300 s)
 #   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
+#   tools/gpu_suite.sh session_a  # GPU tests, peaknet-atto float32 K=1..8 with 4-thread producers,
+#                                 # ingest-only K=8, one monitor off/on pair (~560 s)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -77,8 +79,8 @@ runtime2_steps() {
   bench_daemon_row bench_small_f32 240 --models peaknet-small --producers 1,2,4,8 --frames 1600 --dtype float32 \
     --compile --compile-mode reduce-overhead
 }
-monitor_steps() {  # the live page's overhead: every frame a hit, the page read every second
-  for i in 1 2; do
+monitor_steps() {  # the live page's overhead: every frame a hit, the page read every second; $1 pairs
+  for i in $(seq 1 "${1:-2}"); do
     for m in off on; do
       step "bench_monitor_${m}_$i" 140 python3 tools/bench_daemon.py --models peaknet-atto --producers 1 --compile \
         --compile-mode reduce-overhead --frames 3000 --seconds 3 --latency-seconds 3 --timeout 120 --hit-threshold 0 \
@@ -96,6 +98,15 @@ if off and on:
     print(f"monitor on / off: {sum(on) / len(on) / (sum(off) / len(off)):.3f} (target >= 0.98)")
 PY
 }
+session_a_steps() {  # one call: GPU tests, the runtime's float32 rows with multi-threaded producers,
+                    # ingest-only K=8, one monitor off/on pair (~560 s)
+  gpu_tests
+  bench_daemon_row bench_atto_f32_io4 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row bench_ingest_io2 60 --models ingest-only --producers 8 --frames 6000 --dtype float32 \
+    --producer-io-threads 2
+  monitor_steps 1
+}
 case ${1:-} in
   runtime) runtime_steps ;;
   final) final_steps ;;
@@ -108,5 +119,6 @@ case ${1:-} in
     step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
   monitor) monitor_steps ;;
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
+  session_a) session_a_steps ;;
   *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor" >&2; exit 2 ;;
 esac
