@@ -6,8 +6,11 @@ never a bare sleep.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
+import shutil
 import re
 import signal
 import socket
@@ -208,3 +211,32 @@ def metrics_from(*polls: list[dict], metrics=None):
         acc.observe(poll, float(i))
         m.update(acc.totals(), poll)
     return m
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def ray_cli(*args: str) -> None:
+    """The `ray` command of this environment (start, stop)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([RAY, *args], check=True, env=env, stdout=subprocess.DEVNULL, timeout=180)
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int = 1, cpus_per_node: int = 1):
+    """A Ray cluster on this machine (`ray start --head`, then more nodes); yields its address.
+    Daemons that join it by `ray.address` start in a second or two instead of starting Ray."""
+    if not Path(RAY).exists():
+        raise AssertionError("the ray CLI is missing from this environment")
+    port = free_port()
+    temp = Path("/tmp") / f"ray-pn-{port}"  # unix socket paths must stay short
+    ray_cli("start", "--head", f"--port={port}", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
+            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats")
+    try:
+        for _ in range(nodes - 1):
+            ray_cli("start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
+                    "--disable-usage-stats")
+        yield f"127.0.0.1:{port}"
+    finally:
+        ray_cli("stop", "--force")
+        shutil.rmtree(temp, ignore_errors=True)

@@ -4,41 +4,17 @@ actor on each; the 300-frame check holds."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from harness import SMALL_SHAPE, Daemon, Results, free_port, producer, small_config
+from harness import SMALL_SHAPE, Daemon, Results, free_port, producer, ray_cluster, small_config
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def ray_cli(*args: str, tmp: Path) -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, *args], check=True, env=env, stdout=subprocess.DEVNULL, timeout=180)
-
-
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    if not Path(RAY).exists():
-        pytest.fail("the ray CLI is missing from this environment")
-    port = free_port()
-    temp = Path("/tmp") / f"ray-pn-{port}"  # unix socket paths must stay short
-    ray_cli("start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
-            f"--temp-dir={temp}", "--disable-usage-stats", tmp=tmp_path)
-    try:
-        ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0",
-                "--disable-usage-stats", tmp=tmp_path)
-        yield f"127.0.0.1:{port}"
-    finally:
-        ray_cli("stop", "--force", tmp=tmp_path)
-        shutil.rmtree(temp, ignore_errors=True)
+def two_node_cluster():
+    with ray_cluster(nodes=2) as address:
+        yield address
 
 
 def test_daemon_joins_a_two_node_cluster_and_uses_both(two_node_cluster, tmp_path):

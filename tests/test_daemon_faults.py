@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import SMALL_SHAPE, Daemon, Results, free_port, producer, small_config
+from harness import SMALL_SHAPE, Daemon, Results, free_port, producer, ray_cluster, small_config
 
 pytestmark = pytest.mark.slow
 SHAPE_ARG = ",".join(map(str, SMALL_SHAPE))
@@ -23,26 +23,32 @@ SIGTERM_TRIALS = 20
 KILL_TRIALS = 5
 
 
-def one_actor_config(tmp: Path, in_port: int, res_port: int, met_port: int) -> dict:
-    """One CPU actor, so a daemon starts fast; small receive queues still hold a few batches."""
-    cfg = small_config(tmp, in_port, res_port, met_port)
+@pytest.fixture(scope="module")
+def cluster():
+    """One Ray node for all SIGTERM trials: each trial's daemon joins it (a start of seconds)."""
+    with ray_cluster(nodes=1, cpus_per_node=1) as address:
+        yield address
+
+
+def one_actor_config(tmp: Path, in_port: int, res_port: int, met_port: int, address: str) -> dict:
+    """One CPU actor on the shared cluster; small receive queues still hold a few batches."""
+    cfg = small_config(tmp, in_port, res_port, met_port, ray={"address": address, "num_cpus": 0})
     cfg["gpus"]["cpu_actors"] = 1
-    cfg["ray"]["num_cpus"] = 1
     cfg["ingest"]["sockets"][0]["rcvhwm"] = 32
     cfg["shutdown"] = {"timeout_s": 30, "drain_s": 5}
     return cfg
 
 
 @pytest.mark.parametrize("trial", range(SIGTERM_TRIALS))
-def test_sigterm_with_queued_messages_ends_every_message_in_a_result_or_rejection(tmp_path, trial):
+def test_sigterm_with_queued_messages_ends_every_message_in_a_result_or_rejection(cluster, tmp_path, trial):
     in_port, res_port, met_port = free_port(), free_port(), free_port()
     results = Results(res_port)
-    daemon = Daemon(one_actor_config(tmp_path, in_port, res_port, met_port), tmp_path)
+    daemon = Daemon(one_actor_config(tmp_path, in_port, res_port, met_port, cluster), tmp_path)
     p = None
     try:
         daemon.wait_ready()
         # A burst far faster than the CPU finder: messages queue in the sockets.
-        p = producer("bragg", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "2000",
+        p = producer("bragg", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "600",
                      "--rate", "0", "--source", "t", "--run", str(trial), "--seed", str(trial),
                      "--shape", SHAPE_ARG)
         at_term = len(results.wait_count(10 + 3 * trial, timeout=60))
