@@ -181,8 +181,8 @@ class OutputConfig:
     compression: Literal["gzip", "lzf", "none"] = _f("gzip", doc="of saved frames; CrystFEL reads gzip and none")
     crystfel_endpoint: str = _f("", doc="empty = no CrystFEL live hand-off; else the REP socket indexamajig's "
                                         "--zmq-request asks for hits (bound; actor i binds port + i)")
-    crystfel_queue: int = _f(64, 1, 100_000, doc="hits waiting per actor for indexamajig; when full the oldest "
-                                                 "is dropped (counted)")
+    crystfel_queue: int = _f(32, 1, 100_000, doc="hits waiting per actor for indexamajig, each a copy of its "
+                                                 "frame; when full the oldest is dropped (counted)")
     crystfel_geometry: str = _f("", doc="where the live hand-off's geometry file is written; empty = "
                                         "peaknet-live.geom in cxi_dir")
 

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from harness import SMALL_SHAPE, Daemon, Results, free_port, free_port_pair, metrics_from, producer, small_config
-from peaknet_daemon.config import ConfigError, config_from_dict
+from peaknet_daemon.config import Config, ConfigError, config_from_dict
 from peaknet_daemon.sinks import SINKS
 from peaknet_daemon.sinks.crystfel_live import LOOKUPS, RECORD_KEYS, CrystfelLiveSink
 from test_geometry import asic_geometry, key_values
@@ -72,7 +72,7 @@ class Indexer:
         self.ctx.term()
 
 
-def live_config(tmp_path: Path, **output) -> object:
+def live_config(tmp_path: Path, **output) -> Config:
     return config_from_dict({"pipeline": {"frame_shape": list(SHAPE), "dtype": "uint16"},
                              "output": {"cxi_dir": str(tmp_path), "hit_threshold": 1, **output}}, "<test>")
 
@@ -264,6 +264,8 @@ def test_daemon_hands_every_hit_to_the_indexer_with_the_results_streams_peaks(tm
             np.testing.assert_array_equal(live["image"], frames[live["seq"]].astype(np.float32))
             assert live["photon_energy_ev"] == r["meta"]["photon_energy_ev"]
             assert live["detector_distance_mm"] == r["meta"]["detector_distance_mm"]
+        assert not daemon.find("sink_error")
+        assert not [e for e in daemon.find("thread_failed") if e.get("role") == "crystfel"]
         m = daemon.metrics()
         assert not any(k.startswith("peaknet_results_dropped_total") and "crystfel" in k and v for k, v in m.items())
     finally:

@@ -90,13 +90,13 @@ class CrystfelLiveSink:
 
     def __init__(self, cfg: Config, endpoint: str, geometry_path: str, zmq_context: zmq.Context,
                  on_error: Callable[[BaseException], None], secure: Callable[[zmq.Socket], None] | None = None,
-                 spawn: Callable[..., threading.Thread] | None = None, queue_hits: int = 64, poll_ms: int = 100):
+                 spawn: Callable[..., threading.Thread] | None = None, queue_hits: int = 32, poll_ms: int = 100):
         self.hit_threshold = cfg.output.hit_threshold
         self.on_error, self.poll_ms, self.queue_hits = on_error, poll_ms, queue_hits
-        self.dropped: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
         self.served = 0
         self._hits: deque[tuple[dict, np.ndarray]] = deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # (re-entrant) guards the queue and the drop counts
         self._stopping = threading.Event()
         self._owes_reply = False  # a request was taken and not yet answered (survives a restart)
         self._warned_no_energy = False
@@ -170,9 +170,16 @@ class CrystfelLiveSink:
             self._count("crystfel_closed", left)
         return True
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Hits not handed over, by reason (a copy: the stats thread reads while others count)."""
+        with self._cond:
+            return dict(self._dropped)
+
     # ------------------------------------------------------------------------------------------
     def _count(self, reason: str, n: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        with self._cond:
+            self._dropped[reason] = self._dropped.get(reason, 0) + n
 
     def _next_hit(self) -> tuple[dict, np.ndarray] | None:
         with self._cond:
