@@ -384,7 +384,8 @@ def _cross_check(cfg: Config) -> None:
     out = cfg.output
     if out.crystfel_endpoint:
         scheme, sep, rest = out.crystfel_endpoint.partition("://")
-        if not sep or scheme not in ("tcp", "ipc", "inproc") or (scheme == "tcp" and not rest.rpartition(":")[2].isdigit()):
+        port = rest.rpartition(":")[2]
+        if not sep or scheme not in ("tcp", "ipc", "inproc") or (scheme == "tcp" and not port.isdigit()):
             raise ConfigError("output.crystfel_endpoint", out.crystfel_endpoint,
                               "must be tcp://HOST:PORT (actor i binds PORT + i), ipc:// or inproc://", src)
         if not out.crystfel_geometry and not out.cxi_dir:

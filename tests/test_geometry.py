@@ -73,7 +73,8 @@ def test_good_file_parses_checks_and_keeps_its_metrology(tmp_path):
 @pytest.mark.parametrize("change, problem", [
     ({"m1a1": {"max_ss": "32"}}, "panel m1a1 (fs 0..23, ss 24..32) lies outside the frames' slab"),
     ({"m0a1": {"max_fs": "24"}}, "panel m0a1 (fs 0..24, ss 8..15) lies outside"),
-    ({"m0a1": {"max_ss": "16"}, "m1a0": {"min_ss": "17"}}, "panel m0a1 (fs 0..23, ss 8..16) spans frame panels 0 and 1"),
+    ({"m0a1": {"max_ss": "16"}, "m1a0": {"min_ss": "17"}},
+     "panel m0a1 (fs 0..23, ss 8..16) spans frame panels 0 and 1"),
     ({"m0a1": {"min_ss": "7"}}, "panel m0a1 (fs 0..23, ss 7..15) overlaps panel m0a0"),
     ({"m1a0": {"min_ss": "0", "max_ss": "7"}, "m1a1": {"min_ss": "8", "max_ss": "15", "min_fs": "0"}},
      "overlaps panel m0a0"),
