@@ -179,6 +179,19 @@ class OutputConfig:
     save_frames: Literal["hits", "all", "none"] = _f("hits", doc="which events a CXI file holds (with data); none = all, peaks only")
     hit_threshold: int = _f(10, 0, doc="a frame is a hit with at least this many peaks")
     compression: Literal["gzip", "lzf", "none"] = _f("gzip", doc="of saved frames; CrystFEL reads gzip and none")
+    crystfel_endpoint: str = _f("", doc="empty = no CrystFEL live hand-off; else the REP socket indexamajig's "
+                                        "--zmq-request asks for hits (bound; actor i binds port + i)")
+    crystfel_queue: int = _f(32, 1, 100_000, doc="hits waiting per actor for indexamajig, each a copy of its "
+                                                 "frame; when full the oldest is dropped (counted)")
+    crystfel_geometry: str = _f("", doc="where the live hand-off's geometry file is written; empty = "
+                                        "peaknet-live.geom in cxi_dir")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    geometry: str = _f("", doc="CrystFEL geometry file of the detector (its panels in the (P*H, W) slab of the "
+                               "frames); checked at start, rewritten for the CXI files and the live hand-off; "
+                               "empty = a slab placeholder that cannot index")
 
 
 @dataclass(frozen=True)
@@ -240,6 +253,7 @@ class Config:
     gpus: GpusConfig = field(default_factory=GpusConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
@@ -361,6 +375,22 @@ def _cross_check(cfg: Config) -> None:
         if sock.format not in SOURCES:
             raise ConfigError(f"ingest.sockets[{i}].format", sock.format,
                               f"unknown wire format (known: {', '.join(SOURCES)})", src)
+    if cfg.detector.geometry:
+        from .geometry import GeometryError, load_geometry
+        try:
+            load_geometry(cfg.detector.geometry, cfg.pipeline.frame_shape)
+        except GeometryError as exc:
+            raise ConfigError("detector.geometry", cfg.detector.geometry, exc.problem, src) from None
+    out = cfg.output
+    if out.crystfel_endpoint:
+        scheme, sep, rest = out.crystfel_endpoint.partition("://")
+        port = rest.rpartition(":")[2]
+        if not sep or scheme not in ("tcp", "ipc", "inproc") or (scheme == "tcp" and not port.isdigit()):
+            raise ConfigError("output.crystfel_endpoint", out.crystfel_endpoint,
+                              "must be tcp://HOST:PORT (actor i binds PORT + i), ipc:// or inproc://", src)
+        if not out.crystfel_geometry and not out.cxi_dir:
+            raise ConfigError("output.crystfel_geometry", "", "the live hand-off writes a geometry file for "
+                              "indexamajig: set output.crystfel_geometry or output.cxi_dir", src)
     if cfg.shutdown.drain_s >= cfg.shutdown.timeout_s:
         raise ConfigError("shutdown.drain_s", cfg.shutdown.drain_s, "must be below shutdown.timeout_s", src)
     if cfg.monitor.enabled and not cfg.metrics.enabled:

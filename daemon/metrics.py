@@ -83,8 +83,10 @@ class Metrics:
         self.sink_errors = counter("sink_errors", "Errors writing results, by sink", ["sink"])
         self.thread_failures = counter("thread_failures", "Worker threads and ingest processes that failed, "
                                                           "by role", ["role"])
-        self.results_dropped = counter("results_dropped", "Results the results stream did not send, by reason "
-                                                          "(pub: no subscriber or full; closed at stop)", ["reason"])
+        self.results_dropped = counter("results_dropped", "Results a sink did not deliver, by reason (results "
+                                                          "stream pub: no_subscriber, hwm; closed at stop; CrystFEL live: "
+                                                          "crystfel_queue_full, crystfel_closed, crystfel_bad_hit)",
+                                ["reason"])
         self.peaks_truncated = counter("peaks_truncated", "Weakest peaks left out of CXI rows over the cap")
         self.auth_failures = counter("auth_failures", "Peers refused by CURVE (handshake failed)")
         self.ingest_disconnects = counter("ingest_disconnects", "Ingest peers disconnected (a part over "

@@ -59,7 +59,8 @@ def test_check_prints_the_resolved_config(name):
         assert resolved["model"][key] == preset[key]
     assert resolved["pipeline"]["frame_shape"] == given["pipeline"]["frame_shape"]
     assert resolved["gpus"] == {**resolved["gpus"], **given["gpus"]}
-    assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "metrics", "monitor",
+    assert set(resolved) == {"model", "pipeline", "ray", "gpus", "ingest", "output", "detector", "metrics",
+                             "monitor",
                              "health", "shutdown", "security", "logging"}
 
 

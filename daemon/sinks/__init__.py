@@ -24,11 +24,13 @@ from .base import ResultSink, SinkContext  # noqa: E402
 from .cxi import CxiSink  # noqa: E402  (the sinks import SinkError from here)
 from .cxi_file import CxiWriter, write_geometry  # noqa: E402
 from .results_stream import ResultStream  # noqa: E402
+from .crystfel_live import CrystfelLiveSink  # noqa: E402
 
 SINKS: dict[str, Callable[..., ResultSink | None]] = {
     "results_stream": ResultStream.from_config,
     "cxi": CxiSink.from_config,
+    "crystfel": CrystfelLiveSink.from_config,
 }
 
 __all__ = ["SINKS", "ResultSink", "SinkContext", "SinkError", "CxiSink", "CxiWriter", "write_geometry",
-           "ResultStream"]
+           "ResultStream", "CrystfelLiveSink"]

@@ -17,10 +17,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import Config
+from ..geometry import CXI_TARGET, Geometry, load_geometry, render, write_text_atomic
 from ..log import get_logger
 from . import SinkError
 from .base import SinkContext
 from .cxi_file import CxiWriter, default_max_peaks, ensure_geometry
+
+DETECTOR_GEOMETRY = "peaknet-detector.geom"  # the CXI files' geometry when detector.geometry is set
 
 log = get_logger("peaknet.cxi")
 
@@ -39,6 +42,14 @@ class CxiSink:
         self._writers: dict[Any, CxiWriter] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
         self._current: tuple | None = None  # the item being handled (for the failure handler)
+        # detector.geometry: the real panels, checked against the frames (GeometryError), written
+        # for the CXI files at each run start; its literal photon energy / distance fill in for
+        # frames whose meta lacks them. Without it: the slab placeholder, as before.
+        self._geometry: Geometry | None = None
+        self._meta_defaults: dict[str, float] = {}
+        if cfg.detector.geometry:
+            self._geometry = load_geometry(cfg.detector.geometry, cfg.pipeline.frame_shape)
+            self._meta_defaults = self._geometry.meta_defaults()
         if spawn is None:
             self._thread = threading.Thread(target=self._loop, name=f"cxi-{prefix}", daemon=True)
             self._thread.start()
@@ -126,7 +137,8 @@ class CxiSink:
         try:
             writer = self._writer(arg["run"])
             before = writer.peaks_truncated
-            writer.write(arg, extra)
+            meta = {**self._meta_defaults, **(arg.get("meta") or {})} if self._meta_defaults else None
+            writer.write(arg, extra, meta=meta)
         except Exception as exc:  # the writer thread must outlive any bad event or full disk
             self.on_error(exc)
         if writer is not None:
@@ -148,11 +160,17 @@ class CxiSink:
             out, p = self.cfg.output, self.cfg.pipeline
             os.makedirs(out.cxi_dir, exist_ok=True)
             shape = tuple(p.frame_shape)
-            ensure_geometry(out.cxi_dir, shape)  # at run start: the layout's file, checked
+            name = None
+            if self._geometry is not None:  # at run start: the detector's geometry, for CXI
+                name = DETECTOR_GEOMETRY
+                write_text_atomic(os.path.join(out.cxi_dir, name), render(self._geometry, CXI_TARGET, shape))
+            else:
+                ensure_geometry(out.cxi_dir, shape)  # at run start: the layout's file, checked
             writer = self._writers[run] = CxiWriter(
                 out.cxi_dir, self.prefix, shape, p.dtype, max_peaks=self.max_peaks,
                 frames_per_file=out.frames_per_file, save_frames=out.save_frames,
-                hit_threshold=out.hit_threshold, compression=out.compression, geometry=False)
+                hit_threshold=out.hit_threshold, compression=out.compression, geometry=False,
+                geometry_file=name)
         return writer
 
     def _close(self, run: Any) -> list[str]:
@@ -164,3 +182,4 @@ class CxiSink:
         except Exception as exc:
             self.on_error(exc)
         return [str(f) for f in writer.files()]
+

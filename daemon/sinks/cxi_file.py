@@ -70,7 +70,8 @@ class CxiWriter:
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str, frame_shape: Sequence[int], dtype: Any,
                  max_peaks: int, frames_per_file: int, save_frames: str = "hits", hit_threshold: int = 10,
-                 compression: str = "gzip", grow_by: int = 64, geometry: bool = True):
+                 compression: str = "gzip", grow_by: int = 64, geometry: bool = True,
+                 geometry_file: str | None = None):
         if save_frames not in ("hits", "all", "none"):
             raise ValueError(f"save_frames must be hits, all or none, got {save_frames!r}")
         if len(frame_shape) != 3:
@@ -86,6 +87,7 @@ class CxiWriter:
         self.save_frames, self.hit_threshold = save_frames, int(hit_threshold)
         self.compression, self.grow_by = compression, max(1, int(grow_by))
         self._want_geometry = geometry
+        self._geometry_file = geometry_file  # the name each file's `geometry_file` attribute gives
         self._file: h5py.File | None = None
         self._tmp: Path | None = None
         self._final: Path | None = None
@@ -244,7 +246,7 @@ class CxiWriter:
             f["/entry_1/instrument_1/detector_1/data"] = h5py.SoftLink(DATA)
         f.attrs["creator"] = "peaknet-daemon"
         f.attrs["frame_shape"] = list(self.frame_shape)
-        f.attrs["geometry_file"] = geometry_name(self.frame_shape)
+        f.attrs["geometry_file"] = self._geometry_file or geometry_name(self.frame_shape)
 
     def _append(self, row: dict[str, Any], columns: dict[str, np.ndarray], slab: np.ndarray | None) -> None:
         """Frames go straight to the file; peak rows and scalars fill an in-memory block that is
@@ -390,7 +392,17 @@ def ensure_geometry(out_dir: str | os.PathLike, frame_shape: Sequence[int]) -> P
 
 def write_geometry(path: str | os.PathLike, frame_shape: Sequence[int], pixel_size_m: float = 100e-6,
                    adu_per_eV: float = 1.0 / 9500.0, coffset_m: float = 0.0, gap_px: int = 10) -> Path:
-    """A CrystFEL geometry file for the slab layout (written atomically; returns its path).
+    """A CrystFEL geometry file for the slab layout (written atomically; returns its path)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(slab_geometry_text(frame_shape, pixel_size_m, adu_per_eV, coffset_m, gap_px))
+    os.replace(tmp, path)
+    return path
+
+
+def slab_geometry_text(frame_shape: Sequence[int], pixel_size_m: float = 100e-6, adu_per_eV: float = 1.0 / 9500.0,
+                       coffset_m: float = 0.0, gap_px: int = 10) -> str:
+    """The slab layout's CrystFEL geometry, for the CXI files.
 
     Panel positions are a placeholder grid centred on the beam (the real detector metrology is
     not in the frames); replace the corner/fs/ss lines with the detector's geometry. Defaults suit
@@ -432,8 +444,4 @@ def write_geometry(path: str | os.PathLike, frame_shape: Sequence[int], pixel_si
             f"{name}/corner_y = {corner_y:g}",
             "",
         ]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return "\n".join(lines)
