@@ -200,7 +200,7 @@ def test_geometry_numbers_fill_in_for_frames_without_meta(sink, tmp_path):
 
 
 def test_config_keys_and_registry(tmp_path):
-    assert list(SINKS)[0] == "cxi" and "crystfel" in SINKS
+    assert list(SINKS)[0] == "results_stream" and "crystfel" in SINKS  # the stream first: sent right after the tally
     with pytest.raises(ConfigError, match="output.crystfel_endpoint"):
         live_config(tmp_path, crystfel_endpoint="tcp://127.0.0.1:next")
     with pytest.raises(ConfigError, match="output.crystfel_geometry.*set output.crystfel_geometry or output.cxi_dir"):
