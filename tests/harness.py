@@ -216,27 +216,33 @@ def metrics_from(*polls: list[dict], metrics=None):
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def ray_cli(*args: str) -> None:
-    """The `ray` command of this environment (start, stop)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, *args], check=True, env=env, stdout=subprocess.DEVNULL, timeout=180)
-
-
 @contextlib.contextmanager
 def ray_cluster(nodes: int = 1, cpus_per_node: int = 1):
     """A Ray cluster on this machine (`ray start --head`, then more nodes); yields its address.
-    Daemons that join it by `ray.address` start in a second or two instead of starting Ray."""
+    Each `ray start` runs in a session of its own, and the node's processes stay in it, so the
+    cluster is stopped by killing those sessions: `ray stop` would stop every Ray on the machine.
+    Daemons that join by `ray.address` start in a second or two instead of starting Ray."""
     if not Path(RAY).exists():
         raise AssertionError("the ray CLI is missing from this environment")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = free_port()
     temp = Path("/tmp") / f"ray-pn-{port}"  # unix socket paths must stay short
-    ray_cli("start", "--head", f"--port={port}", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
-            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats")
+    common = [f"--num-cpus={cpus_per_node}", "--num-gpus=0", "--disable-usage-stats"]
+    sessions: list[int] = []
     try:
-        for _ in range(nodes - 1):
-            ray_cli("start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_node}", "--num-gpus=0",
-                    "--disable-usage-stats")
+        for i in range(nodes):
+            where = ([ "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"] if i == 0
+                     else [f"--address=127.0.0.1:{port}"])
+            proc = subprocess.Popen([RAY, "start", *where, *common], env=env, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sessions.append(proc.pid)  # the session's id: its processes outlive `ray start`
+            if proc.wait(timeout=180) != 0:  # returns once the node is up
+                raise AssertionError(f"ray start {' '.join(where)} exited with {proc.returncode}")
         yield f"127.0.0.1:{port}"
     finally:
-        ray_cli("stop", "--force")
+        for sid in reversed(sessions):
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(temp, ignore_errors=True)
