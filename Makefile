@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) tools/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(OM_STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
 
 # OnDA Monitor's peakfinder8 (C), the reference finder of tools/evaluate.py. OM 23.8.3 uses

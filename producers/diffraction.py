@@ -177,8 +177,8 @@ def ewald_reflections(recip: np.ndarray, wavelength: float, s_max: float, tolera
     Solved per (h, k) as a quadratic in l, so cells of 300 A cost no more than (2 h_max + 1)^2."""
     k0 = np.array([0.0, 0.0, 1.0 / wavelength])  # beam along +z
     radius = 1.0 / wavelength
-    real = np.linalg.inv(recip.T)  # rows a, b, c: h = q . a
-    hmax, kmax = (int(np.floor(s_max * np.linalg.norm(real[i]))) for i in (0, 1))
+    real = np.linalg.inv(recip.T)  # columns a, b, c: h = q . a, so |h| <= s_max |a|
+    hmax, kmax = (int(np.floor(s_max * np.linalg.norm(real[:, i]))) for i in (0, 1))
     h, k = np.meshgrid(np.arange(-hmax, hmax + 1), np.arange(-kmax, kmax + 1), indexing="ij")
     h, k = h.ravel(), k.ravel()
     p = k0[None] + h[:, None] * recip[:, 0] + k[:, None] * recip[:, 1]  # k0 + q(h, k, 0)
