@@ -31,7 +31,7 @@ Deterministic per (config, seed, seq). Positions use the pixel-centre convention
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -511,8 +511,3 @@ def family_frames(name: str, n: int, seed: int, shape: Optional[tuple[int, int, 
         out.radius.append(sim.geom.radius_px)
         out.shape = sim.cfg.shape
     return out
-
-
-def with_dtype(cfg: DiffractionConfig, dtype: str) -> DiffractionConfig:
-    """A copy with another output dtype (tests compare uint16 and float outputs)."""
-    return replace(cfg, dtype=dtype)

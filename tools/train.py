@@ -111,7 +111,8 @@ class SimPanels(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        torch.set_num_threads(1)
+        if info is not None:  # a worker process; in-process (workers 0) the caller's threads stay
+            torch.set_num_threads(1)
         rng = np.random.default_rng([self.seed, wid, self.stream])  # a resumed run draws new data
         from peaknet_producers.bragg import BraggSimulator
         from peaknet_producers.diffraction import DiffractionSimulator, random_train_config
