@@ -17,12 +17,16 @@ Counting rules
   precision in every bin, and the bins' TP + FP add up to the number of found peaks.
 * Per bin: recall = TP / (TP + FN), precision = TP / (TP + FP), F1 their harmonic mean.
   Cumulative rows ">=3", ">=5", ... sum the bins at and above the edge.
+* Ignored peaks (`SimFrame.ignore`: drawn reflections too faint or cut to count as truth): an
+  unmatched found peak within `radius` of one is dropped, neither true nor false positive.
+* Position error: the distance of each matched pair; per bin, its root mean square (`rms_px`).
 * Hit finding: a frame is found a hit with at least `hit_threshold` found peaks; the true label is
   the simulator's `meta["hit"]` when given, else at least `hit_threshold` true peaks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
@@ -95,18 +99,23 @@ class FrameMatch:
     """Outcome of matching one frame: which true peaks were found, where the misses go."""
 
     true_found: np.ndarray  # bool per true peak
+    true_dist: np.ndarray  # distance (px) to the matched found peak per true peak; nan if missed
     fp_bin_snr: np.ndarray  # SNR of the nearest true peak of each attributed false positive
     n_spurious: int
-    n_found: int
+    n_found: int  # found peaks that count (those on ignored peaks excluded)
+    n_ignored: int = 0
 
 
 def match_frame(found: PeakList, truth: PeakList, radius: float = 1.5,
-                attribution_radius: float = 4.0) -> FrameMatch:
-    """Match per panel; attribute unmatched found peaks (see the module doc)."""
+                attribution_radius: float = 4.0, ignore: Optional[PeakList] = None) -> FrameMatch:
+    """Match per panel; drop unmatched found peaks on ignored ones; attribute the rest (see the
+    module doc)."""
     true_found = np.zeros(len(truth), bool)
+    true_dist = np.full(len(truth), np.nan)
     snr = truth.snr if truth.snr is not None else np.full(len(truth), np.inf)
     fp_snr: list[float] = []
     spurious = 0
+    n_ignored = 0
     for p in np.union1d(np.unique(found.panel), np.unique(truth.panel)):
         fsel = np.nonzero(found.panel == p)[0]
         tsel = np.nonzero(truth.panel == p)[0]
@@ -114,7 +123,16 @@ def match_frame(found: PeakList, truth: PeakList, radius: float = 1.5,
         tyx = np.stack([truth.y[tsel], truth.x[tsel]], 1)
         mf, mt = match_peaks(fyx, tyx, radius)
         true_found[tsel[mt]] = True
+        true_dist[tsel[mt]] = np.hypot(*(fyx[mf] - tyx[mt]).T)
         unmatched = np.setdiff1d(np.arange(len(fsel)), mf)
+        if len(unmatched) and ignore is not None and len(ignore):
+            isel = ignore.panel == p
+            iyx = np.stack([ignore.y[isel], ignore.x[isel]], 1)
+            if len(iyx):
+                d_ign = np.hypot(fyx[unmatched, None, 0] - iyx[None, :, 0], fyx[unmatched, None, 1] - iyx[None, :, 1])
+                dropped = d_ign.min(1) <= radius
+                n_ignored += int(dropped.sum())
+                unmatched = unmatched[~dropped]
         if len(unmatched) == 0:
             continue
         if len(tsel) == 0:
@@ -125,7 +143,8 @@ def match_frame(found: PeakList, truth: PeakList, radius: float = 1.5,
         near = d[np.arange(len(unmatched)), nearest] <= attribution_radius
         fp_snr.extend(snr[tsel[nearest[near]]].tolist())
         spurious += int((~near).sum())
-    return FrameMatch(true_found, np.asarray(fp_snr, np.float64), spurious, len(found))
+    return FrameMatch(true_found, true_dist, np.asarray(fp_snr, np.float64), spurious, len(found) - n_ignored,
+                      n_ignored)
 
 
 def _f1(p: float, r: float) -> float:
@@ -145,6 +164,7 @@ class AccuracyTally:
     fp: np.ndarray = field(init=False)
     spurious: int = 0
     found: int = 0
+    ignored: int = 0
     frames: int = 0
     hits: dict[str, int] = field(default_factory=lambda: {"tp": 0, "fp": 0, "fn": 0, "tn": 0})
 
@@ -152,20 +172,25 @@ class AccuracyTally:
         self._bounds = np.asarray((-np.inf, *self.edges, np.inf))
         n = len(self._bounds) - 1
         self.tp, self.fn, self.fp = (np.zeros(n, np.int64) for _ in range(3))
+        self.sq_err = np.zeros(n, np.float64)  # sum of squared position errors of the matches
 
     def _bin(self, snr: np.ndarray) -> np.ndarray:
         return np.searchsorted(self._bounds, snr, side="right") - 1
 
-    def add(self, found: PeakList, truth: PeakList, true_hit: Optional[bool] = None) -> FrameMatch:
-        m = match_frame(found, truth, self.radius, self.attribution_radius)
+    def add(self, found: PeakList, truth: PeakList, true_hit: Optional[bool] = None,
+            ignore: Optional[PeakList] = None) -> FrameMatch:
+        """Match one frame and add its counts; `ignore`: peaks that are neither truth nor noise."""
+        m = match_frame(found, truth, self.radius, self.attribution_radius, ignore)
         snr = truth.snr if truth.snr is not None else np.full(len(truth), np.inf)
         nb = len(self.tp)
         b = self._bin(snr)
         self.tp += np.bincount(b[m.true_found], minlength=nb)
+        self.sq_err += np.bincount(b[m.true_found], weights=m.true_dist[m.true_found] ** 2, minlength=nb)
         self.fn += np.bincount(b[~m.true_found], minlength=nb)
         self.fp += np.bincount(self._bin(m.fp_bin_snr), minlength=nb)
         self.spurious += m.n_spurious
         self.found += m.n_found
+        self.ignored += m.n_ignored
         self.frames += 1
         is_hit = bool(true_hit) if true_hit is not None else len(truth) >= self.hit_threshold
         said_hit = len(found) >= self.hit_threshold
@@ -179,8 +204,9 @@ class AccuracyTally:
         fp = float(self.fp[sel].sum() + self.spurious * share[sel].sum())
         p = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
         r = tp / (tp + fn) if tp + fn else 1.0
+        rms = math.sqrt(float(self.sq_err[sel].sum()) / tp) if tp else float("nan")
         return {"n_true": int(tp + fn), "tp": int(tp), "fn": int(fn), "fp": fp,
-                "precision": p, "recall": r, "f1": _f1(p, r)}
+                "precision": p, "recall": r, "f1": _f1(p, r), "rms_px": rms}
 
     def summary(self) -> dict[str, Any]:
         """Per-bin and cumulative rows, overall, and hit-finding metrics."""
@@ -193,10 +219,18 @@ class AccuracyTally:
         hr = h["tp"] / (h["tp"] + h["fn"]) if h["tp"] + h["fn"] else 1.0
         overall = self._row(idx >= 0)
         overall["fp"] = int(self.fp.sum() + self.spurious)
-        return {"frames": self.frames, "found": self.found, "spurious": self.spurious,
+        return {"frames": self.frames, "found": self.found, "spurious": self.spurious, "ignored": self.ignored,
                 "radius": self.radius, "bins": bins, "cumulative": cumulative, "overall": overall,
                 "hits": {**h, "threshold": self.hit_threshold, "precision": hp, "recall": hr,
                          "f1": _f1(hp, hr)}}
+
+
+def selection_score(summary: dict[str, Any]) -> float:
+    """What tuning and checkpoint selection maximise: F1 of the recall of true peaks with
+    SNR >= 3 and the precision over every found peak. Spurious peaks count in full even on
+    frames without true peaks (the per-bin rows share them by true-peak count, so there they
+    would cost nothing)."""
+    return _f1(float(summary["overall"]["precision"]), float(summary["cumulative"][">=3"]["recall"]))
 
 
 def truth_from_sim(sim: Any) -> tuple[PeakList, Optional[bool]]:
@@ -204,6 +238,12 @@ def truth_from_sim(sim: Any) -> tuple[PeakList, Optional[bool]]:
     meta = getattr(sim, "meta", {}) or {}
     hit = meta.get("hit")
     return PeakList.from_columns(sim.peaks), (None if hit is None else bool(hit))
+
+
+def ignore_from_sim(sim: Any) -> Optional[PeakList]:
+    """The peaks a finder may report or not without being charged (`SimFrame.ignore`), if any."""
+    ign = getattr(sim, "ignore", None)
+    return PeakList.from_columns(ign) if ign else None
 
 
 def peaks_from_tensors(peaks: Any, counts: Any) -> PeakList:
@@ -220,13 +260,13 @@ def peaks_from_tensors(peaks: Any, counts: Any) -> PeakList:
 
 def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """One text table: a row per finder and SNR bin, then hit finding."""
-    lines = [f"{'finder':<16}{'SNR':>8}{'n_true':>8}{'prec':>8}{'recall':>8}{'F1':>8}"]
+    lines = [f"{'finder':<16}{'SNR':>8}{'n_true':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'rms px':>8}"]
     for name, s in summaries.items():
         rows = {**s["bins"], **{k: v for k, v in s["cumulative"].items() if k != ">=2"},
                 "all": s["overall"]}
         for label, r in rows.items():
             lines.append(f"{name:<16}{label:>8}{r['n_true']:>8}{r['precision']:>8.3f}"
-                         f"{r['recall']:>8.3f}{r['f1']:>8.3f}")
+                         f"{r['recall']:>8.3f}{r['f1']:>8.3f}{r['rms_px']:>8.3f}")
         h = s["hits"]
         lines.append(f"{name:<16}{'hits':>8}{h['tp'] + h['fn']:>8}{h['precision']:>8.3f}"
                      f"{h['recall']:>8.3f}{h['f1']:>8.3f}   (hit = >= {h['threshold']} peaks; "
@@ -250,7 +290,7 @@ def score_frames(found: Iterable[Any], sims: Iterable[Any], radius: float = 1.5,
     tally = AccuracyTally(radius, attribution_radius, hit_threshold)
     for f, sim in zip(found, sims, strict=True):
         truth, hit = truth_from_sim(sim)
-        tally.add(peaks_of(f), truth, hit)
+        tally.add(peaks_of(f), truth, hit, ignore_from_sim(sim))
     return tally.summary()
 
 

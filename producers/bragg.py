@@ -92,6 +92,9 @@ class SimFrame:
     peaks: dict[str, np.ndarray]
     mask: np.ndarray
     meta: dict = field(default_factory=dict)
+    # Drawn peaks that are neither truth nor noise (too faint or cut; diffraction.py): a finder
+    # reporting one is not charged a false positive. Columns panel, y, x, snr.
+    ignore: dict = field(default_factory=dict)
 
 
 def _tile_grid(panels: int, h: int, w: int) -> tuple[int, int]:

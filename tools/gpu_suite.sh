@@ -12,7 +12,9 @@
 #                                 # K=1,2,4,8, producers binding, the daemon connecting (~560 s)
 #   tools/gpu_suite.sh runtime2   # bench_daemon peaknet-atto uint16 K = 1, 2, 4, 8 and peaknet-small
 #                                 # float32 K = 1, 2, 4, 8 (~450 s)
-#   tools/gpu_suite.sh train      # tools/train.py --minutes 7                 (~480 s)
+#   tools/gpu_suite.sh train      # tools/train.py --minutes 6 --resume, then evaluate.py (~370+80 s);
+#                                 # PRESET (peaknet-atto), TRAIN_MINUTES (6), TRAIN_DIR (runs/train:
+#                                 # git-ignored, kept on a warm device, so the next call resumes there)
 #   tools/gpu_suite.sh monitor    # bench_daemon peaknet-atto K=1, live page off/on/off/on (~300 s)
 #   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
 #   tools/gpu_suite.sh session_a  # GPU tests, peaknet-atto float32 K=1..8 with 4-thread producers,
@@ -107,6 +109,18 @@ session_a_steps() {  # one call: GPU tests, the runtime's float32 rows with mult
     --producer-io-threads 2
   monitor_steps 1
 }
+train_steps() {  # train (resumable) within ~6 min, then score the weights on every family (~80 s)
+  local preset=${PRESET:-peaknet-atto} dir=${TRAIN_DIR:-runs/train}
+  mkdir -p "$dir"
+  step train $(( ${TRAIN_MINUTES:-6} * 60 + 40 )) python3 tools/train.py --preset "$preset" --minutes "${TRAIN_MINUTES:-6}" \
+    --resume --out "$dir/$preset.safetensors"
+  cp "$dir/$preset.safetensors" "$dir/$preset.train.json" "$OUT/"
+  # The resume checkpoint comes back when small enough (atto ~41 MB; small's optimiser state is not).
+  [ "$(stat -c %s "$dir/$preset.ckpt.pt" 2>/dev/null || echo 0)" -lt 100000000 ] && cp "$dir/$preset.ckpt.pt" "$OUT/"
+  step eval 130 python3 tools/evaluate.py --families lattice,heldout-jungfrau-diffuse,bragg --detector 4,352,384 \
+    --frames 16 --val-frames 6 --finders "$preset,classical,om" --weights "$preset=$OUT/$preset.safetensors" \
+    --json "$OUT/eval.json"
+}
 case ${1:-} in
   runtime) runtime_steps ;;
   final) final_steps ;;
@@ -115,8 +129,7 @@ case ${1:-} in
   small) small_steps ;;
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
-  train)
-    step train 480 python3 tools/train.py --minutes 7 --out "$OUT/peaknet-atto.safetensors" ;;
+  train) train_steps ;;
   monitor) monitor_steps ;;
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;

@@ -1,0 +1,159 @@
+"""tools/evaluate.py (metrics with ignored peaks and position error, OM's peakfinder8 through its
+own venv) and tools/train.py (resume round trip) on tiny inputs, CPU only."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peaknet_daemon.evaluation import AccuracyTally, PeakList, selection_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+
+def _pl(yx, snr=None) -> PeakList:
+    yx = np.asarray(yx, float).reshape(-1, 2)
+    return PeakList(np.zeros(len(yx), int), yx[:, 0], yx[:, 1], None, None if snr is None else np.asarray(snr, float))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_position_rms_per_bin():
+    tally = AccuracyTally()
+    truth = _pl([[10, 10], [30, 30], [50, 50]], snr=[4.0, 6.0, 20.0])
+    found = _pl([[10.3, 10.4], [30.0, 30.6], [50.0, 50.0]])  # errors 0.5, 0.6, 0.0 px
+    tally.add(found, truth)
+    s = tally.summary()
+    assert s["bins"]["3-5"]["rms_px"] == pytest.approx(0.5)
+    assert s["bins"]["5-10"]["rms_px"] == pytest.approx(0.6)
+    assert s["cumulative"][">=5"]["rms_px"] == pytest.approx(math.sqrt((0.36 + 0.0) / 2))
+    assert math.isnan(s["bins"]["2-3"]["rms_px"])  # no match there
+
+
+def test_found_peaks_on_ignored_reflections_cost_nothing():
+    truth = _pl([[10, 10]], snr=[8.0])
+    ignore = _pl([[40, 40]], snr=[1.2])
+    found = _pl([[10, 10], [40.5, 40], [80, 80]])
+    with_ign, without = AccuracyTally(), AccuracyTally()
+    with_ign.add(found, truth, ignore=ignore)
+    without.add(found, truth)
+    a, b = with_ign.summary(), without.summary()
+    assert a["ignored"] == 1 and a["spurious"] == 1 and a["found"] == 2
+    assert b["spurious"] == 2 and b["found"] == 3
+    assert a["overall"]["precision"] == pytest.approx(1 / 2) and b["overall"]["precision"] == pytest.approx(1 / 3)
+
+
+def test_selection_score_charges_noise_on_empty_frames():
+    """Per-bin rows share spurious peaks by true-peak count, so a frame set with no true peaks
+    would score noise as perfect there; the selection score must not."""
+    quiet, noisy = AccuracyTally(), AccuracyTally()
+    for t in (quiet, noisy):
+        t.add(_pl([[10, 10]]), _pl([[10, 10]], snr=[6.0]))
+    noisy.add(_pl([[5, 5], [20, 20], [60, 60]]), _pl(np.zeros((0, 2)), snr=[]))
+    quiet.add(_pl(np.zeros((0, 2))), _pl(np.zeros((0, 2)), snr=[]))
+    assert selection_score(quiet.summary()) == pytest.approx(1.0)
+    assert selection_score(noisy.summary()) == pytest.approx(2 * 0.25 * 1 / 1.25)
+
+
+def test_summary_table_lists_skipped_finders():
+    tally = AccuracyTally()
+    tally.add(_pl([[10, 10]]), _pl([[10, 10]], snr=[6.0]))
+    s = {**tally.summary(), "seconds_per_frame": 0.0123}
+    table = evaluate.summary_table({"lattice": {"om": s, "peaknet-small": {"skipped": "no weights"}}})
+    assert "| lattice | om | " in table and "12.3 |" in table and "skipped: no weights" in table
+
+
+# ------------------------------------------------------------------------------------------------
+# OM's peakfinder8 (its own venv: `make .venv-om`, built by `make test`)
+# ------------------------------------------------------------------------------------------------
+
+def _spot_family(seed: int = 0) -> evaluate.Family:
+    """Two frames of 2 panels: flat Poisson background, bright 2-D Gaussian spots at known places."""
+    from peaknet_producers.bragg import SimFrame
+
+    rng = np.random.default_rng(seed)
+    frames, truths = [], []
+    shape = (2, 64, 80)
+    for _ in range(2):
+        exp = np.full(shape, 4.0)
+        cols = {"panel": [], "y": [], "x": [], "snr": []}
+        yy, xx = np.mgrid[:64, :80]
+        for p in range(2):
+            for y, x in ((12.3, 15.6), (40.7, 50.2), (25.5, 66.1)):
+                y, x = y + rng.uniform(-1, 1), x + rng.uniform(-1, 1)
+                exp[p] += 300 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 0.9 ** 2))
+                for k, v in zip(cols, (p, y, x, 150.0)):
+                    cols[k].append(v)
+        data = rng.poisson(exp).astype(np.float32)
+        peaks = {k: np.asarray(v) for k, v in cols.items()}
+        frames.append(SimFrame(data=data, peaks=peaks, mask=np.zeros(shape, bool), meta={"hit": True}))
+    radius = np.broadcast_to(np.hypot(*np.mgrid[:64, :80] - 30.0), shape).astype(np.float32)
+    bad = np.zeros(shape, np.uint8)
+    return evaluate.Family("spots", frames, [bad, bad], [radius, radius])
+
+
+def test_om_peakfinder8_finds_the_spots_on_the_right_panel():
+    fam = _spot_family()
+    grid = [{"minimum_snr": 5.0, "min_pixel_count": 2, "max_pixel_count": 40, "local_bg_radius": 4,
+             "adc_threshold": 0.0},
+            {"minimum_snr": 5.0, "min_pixel_count": 2, "max_pixel_count": 40, "local_bg_radius": 4,
+             "adc_threshold": 1e6}]  # nothing passes this ADC threshold
+    runs = evaluate.om_peaks(fam, grid)
+    assert [r["params"]["adc_threshold"] for r in runs] == [0.0, 1e6]
+    s = evaluate.score(runs[0]["found"], fam.frames)
+    assert s["overall"]["recall"] == 1.0 and s["overall"]["precision"] == 1.0
+    assert s["overall"]["rms_px"] < 0.2  # OM's fs/ss are pixel-centre coordinates, as ours
+    assert all(len(f) == 0 for f in runs[1]["found"])
+    assert runs[0]["seconds_per_frame"] > 0
+    # The OM bug per_panel works around: on one multi-ASIC slab, a second-panel peak at the same
+    # panel-local place as a first-panel peak is merged with another one.
+    slab = evaluate.om_peaks(fam, [{**grid[0], "per_panel": False}])[0]
+    assert evaluate.score(slab["found"], fam.frames)["overall"]["recall"] < 1.0
+    best, table = evaluate.tune_om(fam, grid)
+    assert best["adc_threshold"] == 0.0 and len(table) == 2 and table[0]["score"] > table[1]["score"]
+
+
+def test_om_missing_venv_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make .venv-om"):
+        evaluate.om_peaks(_spot_family(), [{}], om_python=tmp_path / "nope" / "python")
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py: resume round trip
+# ------------------------------------------------------------------------------------------------
+
+def test_train_resumes_from_its_own_checkpoint(tmp_path):
+    out = tmp_path / "atto.safetensors"
+    common = ["--preset", "peaknet-atto", "--device", "cpu", "--crop", "32", "32", "--panels-per-sim", "2",
+              "--batch", "2", "--pool", "8", "--workers", "0", "--val-frames", "2", "--val-every", "1000",
+              "--log-every", "1", "--minutes", "3", "--out", str(out)]
+    torch.manual_seed(0)
+    assert train.main(common + ["--max-steps", "2"]) == 0
+    ckpt = train.load_resume(train.resume_path(out))
+    assert ckpt["step"] == 2 and ckpt["run_index"] == 0 and out.is_file()
+    first_opt_step = ckpt["optimizer"]["state"][0]["step"]
+    assert float(first_opt_step) == 2.0
+    assert train.main(common + ["--max-steps", "5", "--resume"]) == 0
+    again = train.load_resume(train.resume_path(out))
+    assert again["step"] == 5 and again["run_index"] == 1
+    assert float(again["optimizer"]["state"][0]["step"]) == 5.0  # the optimiser state came along
+    assert again["trained_s"] >= ckpt["trained_s"]
+    log = json.loads(out.with_suffix(".train.json").read_text())
+    assert [r["start_step"] for r in log["runs"]] == [0, 2] and [r["end_step"] for r in log["runs"]] == [2, 5]
+    assert [r["step"] for r in log["steps"]] == [1, 2, 3, 4, 5]
+    assert "threshold" in log["best"] and log["best"]["steps"] == 5
+    # the weights changed in the second run, and evaluate.py reads the recommended operating point
+    assert not all(torch.equal(ckpt["model"][k], again["model"][k]) for k in ckpt["model"])
+    assert evaluate.recommended(out)["threshold"] == log["best"]["threshold"]
