@@ -33,6 +33,7 @@ HC_EV_ANGSTROM = 12398.4198
 REASONS = (
     "not_msgpack", "bad_header", "unknown_proto", "unknown_type", "wrong_parts", "wrong_shape",
     "wrong_dtype", "size_mismatch", "oversize", "non_finite", "bad_npz", "bad_meta", "out_of_range",
+    "bad_encoding", "bad_compression",
 )
 
 

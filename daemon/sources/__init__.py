@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import ControlEvent, FrameOut, FrameSource, FrameTag, SourceSpec
+from .eiger_stream_v1 import EigerStreamV1Source
 from .lclstreamer import LclstreamerSource
 from .peaknet import PeaknetSource
 
 SOURCES: dict[str, Callable[[SourceSpec], FrameSource]] = {
     "peaknet/1": PeaknetSource,
     "lclstreamer-npz": LclstreamerSource,
+    "eiger-v1": EigerStreamV1Source,
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from .eiger_v1 import EigerV1Encoder
 from .peaknet import PeaknetEncoder
 
 
@@ -30,6 +31,7 @@ class Encoder(Protocol):
 
 ENCODERS: dict[str, Callable[[], Encoder]] = {
     "peaknet/1": PeaknetEncoder,
+    "eiger-v1": EigerV1Encoder,
 }
 
 __all__ = ["ENCODERS", "Encoder"]
