@@ -110,6 +110,7 @@ class Worker:
         self._dispatch_over = threading.Event()  # the dispatch thread has handed over its last batch
         self._held_batch: Optional[tuple[list, int]] = None  # dispatch: tags of a batch being submitted
         self._held_results: Optional[list] = None  # results: tags of a batch not yet counted
+        self._undelivered: list = []  # results: counted, not yet taken by the first sink
         self.endpoints: list[str] = []
         self._children: list[IngestProcess] = []
         self._children_lock = threading.Condition()
@@ -384,9 +385,16 @@ class Worker:
                 return
 
     def _results_failed(self, exc: BaseException) -> None:
+        """The frames the thread held end as `internal_error`: those not yet counted, and those
+        counted whose result the first sink had not taken yet."""
         held, self._held_results = self._held_results, None
-        if held:
-            self._reject_frames("internal_error", len(held), f"result thread failed: {exc!r}")
+        undelivered, self._undelivered = self._undelivered, []
+        if undelivered:
+            with self._stats_lock:
+                self._processed -= len(undelivered)
+        n = len(held or ()) + len(undelivered)
+        if n:
+            self._reject_frames("internal_error", n, f"result thread failed: {exc!r}")
 
     def _handle_batch(self, batch: BatchResult, deliver: bool = True) -> None:
         """Count the batch's results, write the tally, then hand the results to the sinks.
@@ -430,19 +438,24 @@ class Worker:
             self._batch_sizes.append(len(batch.frames))
         self._last_batch_done = time.monotonic()
         if deliver:
+            self._undelivered = [result for result, _ in ready]
             self._write_tally()
             self._deliver(ready)
+            self._undelivered = []
         if self._monitor is not None:
             for result, frame in ready:
                 self._monitor.offer(result, frame)
 
     def _deliver(self, ready: list[tuple[dict, Optional[np.ndarray]]]) -> None:
-        for name, sink in self._sinks.items():  # in SINKS order: the results stream first
+        for i, (name, sink) in enumerate(self._sinks.items()):  # in SINKS order: the results stream first
             for result, frame in ready:
                 try:
                     sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
                 except Exception as exc:  # a sink's consumer or disk must never take the worker down
                     self._sink_error(name, exc)
+                if i == 0:
+                    self._undelivered.pop(0)
+        self._undelivered = []
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:
