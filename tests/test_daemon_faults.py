@@ -48,10 +48,10 @@ def test_sigterm_with_queued_messages_ends_every_message_in_a_result_or_rejectio
     try:
         daemon.wait_ready()
         # A burst far faster than the CPU finder: messages queue in the sockets.
-        p = producer("bragg", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "600",
+        p = producer("bragg", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "300",
                      "--rate", "0", "--source", "t", "--run", str(trial), "--seed", str(trial),
                      "--shape", SHAPE_ARG)
-        at_term = len(results.wait_count(10 + 3 * trial, timeout=60))
+        at_term = len(results.wait_count(10 + 2 * trial, timeout=60))
         rc = daemon.terminate(timeout=60)
     finally:
         daemon.kill()
