@@ -250,8 +250,10 @@ def model_only(model: str, args) -> float:
     from peaknet_daemon.config import config_from_dict
     from peaknet_daemon.pipeline_throughput import model_only_rate
     cfg = config_from_dict({k: v for k, v in daemon_config(model, args, [0], "", 0).items()
-                            if k in ("model", "pipeline")}, "<bench>")
+                            if k in ("model", "pipeline", "gpus")}, "<bench>")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # as many torch threads as a CPU actor has (more thrash on a busy machine)
+        torch.set_num_threads(cfg.gpus.cpu_threads)
     return model_only_rate(cfg, seconds=args.seconds, device=device, bare_net=cfg.model.kind == "peaknet")
 
 
