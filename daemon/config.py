@@ -158,6 +158,8 @@ class SocketConfig:
     rcvhwm: int = _f(64, 1, 1_000_000, doc="ZMQ receive high-water mark, messages")
     max_message_bytes: int = _f(256 * 2**20, 1024, doc="larger messages are rejected")
     threads: int = _f(1, 1, 64, doc="ingest threads (each its own PULL socket) for this endpoint")
+    channel: str = _f("", doc="stream2: the image channel (threshold) to analyse, e.g. threshold_1; "
+                              "empty = the first channel of each image")
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,9 @@ def _cross_check(cfg: Config) -> None:
         if sock.format not in SOURCES:
             raise ConfigError(f"ingest.sockets[{i}].format", sock.format,
                               f"unknown wire format (known: {', '.join(SOURCES)})", src)
+        if sock.channel and sock.format != "stream2":
+            raise ConfigError(f"ingest.sockets[{i}].channel", sock.channel, "only the stream2 format has "
+                              "channels", src)
     if cfg.detector.geometry:
         from .geometry import GeometryError, load_geometry
         try:

@@ -34,6 +34,8 @@ REASONS = (
     "not_msgpack", "bad_header", "unknown_proto", "unknown_type", "wrong_parts", "wrong_shape",
     "wrong_dtype", "size_mismatch", "oversize", "non_finite", "bad_npz", "bad_meta", "out_of_range",
     "bad_encoding", "bad_compression",
+    # DECTRIS Stream V2 (sources/stream2.py)
+    "bad_cbor", "no_channel", "no_start",
 )
 
 

@@ -14,7 +14,7 @@ import threading
 from typing import Sequence
 
 from .errors import ProducerError
-from .formats import ENCODERS
+from .formats import COMPRESSIONS, ENCODERS, make_encoder
 
 PROG = "peaknet-producer"
 
@@ -64,6 +64,9 @@ def _common(p: argparse.ArgumentParser, frames_default: int | None) -> None:
     g.add_argument("--io-threads", type=int, default=1,
                    help="ZMQ I/O threads: one moves ~5 GB/s; a bound producer with several connected "
                         "ingest processes spreads them over its threads, as a detector's sender does")
+    g.add_argument("--compression", default=None,
+                   choices=sorted({c for cs in COMPRESSIONS.values() for c in cs}),
+                   help="how the format compresses frames (stream2, eiger-v1: bslz4 (default), lz4 or none)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
     g.add_argument("--curve-client-key", default="", metavar="FILE",
                    help="CURVE: this producer's key pair (.key_secret from peaknet-keygen)")
@@ -140,7 +143,7 @@ def _send(args: argparse.Namespace, items, stop: threading.Event, source: str, r
         frames=args.frames or None, rate=args.rate, hwm=args.hwm, linger_ms=args.linger,
         timeout_s=args.timeout, stop=stop, on_sent=on_sent, progress=_progress(args),
         curve_client_key=args.curve_client_key, curve_server_key=args.curve_server_key, format=args.format,
-        io_threads=args.io_threads)
+        io_threads=args.io_threads, compression=args.compression)
     print(summary.line(), flush=True)
     return 0
 
@@ -227,6 +230,11 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < lo:
             raise ProducerError(f"--{name} must be >= {lo}, got {value}")
+    if hasattr(args, "format") and args.compression is not None:  # `record` has a --compression of its own
+        try:
+            make_encoder(args.format, args.compression)
+        except ValueError as exc:
+            raise ProducerError(f"--compression: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import zmq
 
 from peaknet_daemon.security import curve_client
 from .errors import ProducerError
-from .formats import ENCODERS
+from .formats import make_encoder
 from .item import Item
 from .pacing import Pacer
 from .progress import Progress, Summary
@@ -113,14 +113,17 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
                  on_sent: Callable[[int, Item], None] | None = None,
                  progress: bool = False, start_meta: dict | None = None,
                  curve_client_key: str = "", curve_server_key: str = "",
-                 format: str = "peaknet/1", io_threads: int = 1) -> Summary:
+                 format: str = "peaknet/1", io_threads: int = 1,
+                 compression: str | None = None) -> Summary:
     """Send `start`, up to `frames` items (all when None) at `rate` Hz (0 = as fast as
     possible), then `end` with the count, also when stopped or when the items fail midway.
     `on_sent(seq, item)` runs after each frame is handed to the socket. `format` names the
-    wire format (formats.ENCODERS)."""
-    if format not in ENCODERS:
-        raise ProducerError(f"unknown format {format!r} (known: {', '.join(ENCODERS)})")
-    encoder = ENCODERS[format]()
+    wire format (formats.ENCODERS), `compression` its compression (formats.COMPRESSIONS; None =
+    the format's default)."""
+    try:
+        encoder = make_encoder(format, compression)
+    except ValueError as exc:
+        raise ProducerError(str(exc)) from None
     items = iter(items)
     first = next(items, None)
     if first is not None:

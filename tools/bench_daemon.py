@@ -14,6 +14,13 @@ The `ingest-only` model finds nothing at no cost: its row is what ingest alone m
   python tools/bench_daemon.py                          # CPU: tiny frames, a quick look
   python tools/bench_daemon.py --frame-shape 16,352,384 --precision bf16 --compile \
       --models ingest-only,peaknet-atto,peaknet-small --producers 1,2,4,8   # the GPU table in the README
+  python tools/bench_daemon.py --format stream2 --compression bslz4 ...      # as an EIGER2 sends
+
+With `--format stream2` the producers send DECTRIS Stream V2 (CBOR, `--compression` bslz4, lz4
+or none) and the daemon decodes and decompresses it; a row then gives GB/s twice: decompressed
+(the frames the pipeline got) and on the wire (the bytes the producers sent, from their summary
+lines). `--data bragg` sends simulated Bragg frames (a pool of 8 per producer), whose
+compression ratio is a detector's, instead of random integers in [0, 1000).
 
 With --monitor the live page is on (monitor.enabled) and a thread does what an open browser
 does: fetch /monitor/state.json, the latest hits' PNGs and the powder every refresh_s.
@@ -66,7 +73,8 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
                      "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
-        "ingest": {"sockets": ingest_sockets(ports, args), "processes": args.ingest_processes},
+        "ingest": {"sockets": [{**s, "format": args.format} for s in ingest_sockets(ports, args)],
+                   "processes": args.ingest_processes},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
                    "hit_threshold": args.hit_threshold, "cxi_dir": ""},
         "metrics": {"port": metrics_port, "interval_s": 1.0},
@@ -117,15 +125,31 @@ def ingest_sockets(ports: list[int], args) -> list[dict]:
             for port in ports]
 
 
-def producers(ports: list[int], args, frames: int, rate: float) -> list[subprocess.Popen]:
+def producers(ports: list[int], args, frames: int, rate: float, capture: bool = False) -> list[subprocess.Popen]:
+    """K producer processes; with `capture` their stdout (the summary line) can be read."""
     procs = []
+    data = ["bragg", "--pool", "8"] if args.data == "bragg" else ["random"]
+    wire = ["--format", args.format] + (["--compression", args.compression] if args.format == "stream2" else [])
     for i, port in enumerate(ports):
-        cmd = [sys.executable, "-m", "peaknet_producers.cli", "random", "--endpoint", f"tcp://127.0.0.1:{port}",
+        cmd = [sys.executable, "-m", "peaknet_producers.cli", *data, "--endpoint", f"tcp://127.0.0.1:{port}",
                "--bind" if args.ingest_mode == "connect" else "--connect", "--shape", args.frame_shape, "--dtype", args.dtype, "--frames", str(frames),
                "--rate", str(rate), "--source", f"p{i}", "--run", "1", "--seed", str(i),
-               "--io-threads", str(args.producer_io_threads)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+               "--io-threads", str(args.producer_io_threads), *wire]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=capture))
     return procs
+
+
+def wire_bytes_per_frame(procs: list[subprocess.Popen]) -> float:
+    """Mean bytes per frame the producers sent (message parts), from their summary lines."""
+    frames = nbytes = 0
+    for p in procs:
+        for line in (p.stdout.read() if p.stdout else "").splitlines():
+            if line.startswith("summary:"):
+                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                frames += int(fields["frames"])
+                nbytes += int(fields["bytes"])
+    return nbytes / frames if frames else float("nan")
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -202,15 +226,18 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
                 p.wait()
             consume(pull, args.warmup * k, args.timeout)
             per = args.frames // k
-            procs = producers(ports[:k], args, per, 0)
+            procs = producers(ports[:k], args, per, 0, capture=True)
             cpu0, t0 = tree_cpu_seconds(daemon.pid), time.perf_counter()
             arrivals, lat = consume(pull, per * k, args.timeout)
             cpu1, t1 = tree_cpu_seconds(daemon.pid), time.perf_counter()
             for p in procs:
                 p.wait()
             row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals),
-                   "host_cores": (cpu1 - cpu0) / (t1 - t0)}
-            row["gb_s"] = row["fps"] * frame_bytes(args) / 1e9
+                   "host_cores": (cpu1 - cpu0) / (t1 - t0), "format": args.format,
+                   "compression": args.compression if args.format == "stream2" else "none", "data": args.data}
+            row["gb_s"] = row["fps"] * frame_bytes(args) / 1e9  # decompressed: what the pipeline got
+            row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
+            row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
             rate80 = 0.8 * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
@@ -265,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--producers", default="1,2,4,8" if gpu else "1,2")
     p.add_argument("--frame-shape", default="16,352,384" if gpu else "2,64,64")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--format", default="peaknet/1", choices=("peaknet/1", "stream2"), help="wire format")
+    p.add_argument("--compression", default="bslz4", choices=("bslz4", "lz4", "none"), help="stream2 only")
+    p.add_argument("--data", default="random", choices=("random", "bragg"),
+                   help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-delay-ms", type=float, default=20)
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
@@ -300,19 +331,23 @@ def main(argv: list[str] | None = None) -> int:
             row["model_only_fps"] = mo
             row["ratio"] = row["fps"] / mo
             rows.append(row)
+            wire = (f"{row['format']} {row['compression']}: wire {row['wire_gb_s']:.2f} GB/s, "
+                    f"{frame_bytes(args) / row['wire_bytes_per_frame']:.2f}x  ")
             print(f"{row['model']:14s} K={row['producers']}{' monitor' if args.monitor else ''}  end-to-end {row['fps']:8.1f} frames/s "
-                  f"({row['gb_s']:.2f} GB/s)  model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
+                  f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f}", flush=True)
             if args.json:  # after every row, so a timeout keeps what was measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
-    print(f"\n| model | dtype | K | end-to-end frames/s | GB/s | model-only frames/s | ratio | p50 ms @80% "
-          f"| p99 ms @80% | host cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
+          f"| ratio | p50 ms @80% | p99 ms @80% | host cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {args.dtype} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
+        fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
+        print(f"| {r['model']} | {args.dtype} | {fmt} | {r['data']} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
+              f"| {r['wire_gb_s']:.2f} "
               f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
               f"| {r['host_cores']:.1f} |")
     return 0

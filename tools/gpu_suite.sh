@@ -19,6 +19,10 @@
 #   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
 #   tools/gpu_suite.sh session_a  # GPU tests, peaknet-atto float32 K=1..8 with 4-thread producers,
 #                                 # ingest-only K=8, one monitor off/on pair (~560 s)
+#   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
+#                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
+#                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
+#                                 # built there with the image's setuptools and compiler)
 # Needs the wheels of ../shared/tools/device-wheels in .whl/ (carried). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -121,6 +125,23 @@ train_steps() {  # train (resumable) within ~6 min, then score the weights on ev
     --frames 16 --val-frames 6 --finders "$preset,classical,om" --weights "$preset=$OUT/$preset.safetensors" \
     --json "$OUT/eval.json"
 }
+stream2_deps() {  # dectris-compression has no wheels on PyPI: build its sdist here when no wheel came
+  python3 -c "import cbor2, lz4.block, dectris.compression" 2>/dev/null && return 0
+  local sdist; sdist=$(ls .whl/dectris_compression-*.tar.gz 2>/dev/null | head -n 1)
+  [ -n "$sdist" ] && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
+    --target /tmp/site "$sdist"
+  python3 -c "import cbor2, lz4.block, dectris.compression" || {
+    echo "stream2: cbor2, lz4 or dectris.compression missing: carry their wheels (or the sdist) in .whl/"; return 1; }
+}
+stream2_steps() {  # Stream V2 against peaknet/1, same model, dtype, frames and producers (~300 s)
+  stream2_deps || return 1
+  bench_daemon_row bench_s2_raw 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+  bench_daemon_row bench_s2_bslz4 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead --format stream2 --compression bslz4
+  bench_daemon_row bench_s2_bslz4_bragg 75 --models peaknet-atto --producers 4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead --format stream2 --compression bslz4 --data bragg
+}
 case ${1:-} in
   runtime) runtime_steps ;;
   final) final_steps ;;
@@ -133,5 +154,6 @@ case ${1:-} in
   monitor) monitor_steps ;;
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor" >&2; exit 2 ;;
+  stream2) stream2_steps ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|stream2" >&2; exit 2 ;;
 esac

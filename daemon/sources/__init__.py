@@ -12,11 +12,13 @@ from .base import ControlEvent, FrameOut, FrameSource, FrameTag, SourceSpec
 from .eiger_stream_v1 import EigerStreamV1Source
 from .lclstreamer import LclstreamerSource
 from .peaknet import PeaknetSource
+from .stream2 import Stream2Source
 
 SOURCES: dict[str, Callable[[SourceSpec], FrameSource]] = {
     "peaknet/1": PeaknetSource,
     "lclstreamer-npz": LclstreamerSource,
     "eiger-v1": EigerStreamV1Source,
+    "stream2": Stream2Source,
 }
 
 

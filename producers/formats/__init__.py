@@ -11,8 +11,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .eiger_v1 import EigerV1Encoder
+from .eiger_v1 import COMPRESSIONS as EIGER_V1_COMPRESSIONS, EigerV1Encoder
 from .peaknet import PeaknetEncoder
+from .stream2 import COMPRESSIONS as STREAM2_COMPRESSIONS, Stream2Encoder
 
 
 class Encoder(Protocol):
@@ -29,9 +30,31 @@ class Encoder(Protocol):
         """The run's closing message; `count` frames were sent."""
 
 
-ENCODERS: dict[str, Callable[[], Encoder]] = {
+ENCODERS: dict[str, Callable[..., Encoder]] = {
     "peaknet/1": PeaknetEncoder,
     "eiger-v1": EigerV1Encoder,
+    "stream2": Stream2Encoder,
+}
+# Formats that compress, and how (`--compression`); the first is the default.
+COMPRESSIONS: dict[str, tuple[str, ...]] = {
+    "eiger-v1": EIGER_V1_COMPRESSIONS,
+    "stream2": STREAM2_COMPRESSIONS,
 }
 
-__all__ = ["ENCODERS", "Encoder"]
+
+def make_encoder(name: str, compression: str | None = None) -> Encoder:
+    """The encoder of format `name`; ValueError for an unknown format or a compression the
+    format does not have (formats without COMPRESSIONS take none)."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown format {name!r} (known: {', '.join(ENCODERS)})")
+    if compression is None:
+        return ENCODERS[name]()
+    if compression not in COMPRESSIONS.get(name, ()):
+        known = COMPRESSIONS.get(name)
+        raise ValueError(f"format {name} has compressions {', '.join(known)}, not {compression!r}" if known
+                         else f"format {name} has no compression options (--compression is for "
+                              f"{', '.join(COMPRESSIONS)})")
+    return ENCODERS[name](compression)
+
+
+__all__ = ["COMPRESSIONS", "ENCODERS", "Encoder", "make_encoder"]
