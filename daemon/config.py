@@ -372,11 +372,16 @@ def _cross_check(cfg: Config) -> None:
         raise ConfigError("pipeline.max_pixels", cfg.pipeline.max_pixels, "must be >= min_pixels", src)
     if not cfg.ingest.sockets:
         raise ConfigError("ingest.sockets", [], "at least one socket is needed", src)
-    from .sources import SOURCES  # the registry of wire formats (sources/__init__.py)
+    from .sources import SOURCES, source_class  # the registry of wire formats (sources/__init__.py)
     for i, sock in enumerate(cfg.ingest.sockets):
         if sock.format not in SOURCES:
             raise ConfigError(f"ingest.sockets[{i}].format", sock.format,
                               f"unknown wire format (known: {', '.join(SOURCES)})", src)
+        try:
+            source_class(sock.format)
+        except ImportError as exc:
+            raise ConfigError(f"ingest.sockets[{i}].format", sock.format,
+                              f"needs a library that is not installed: {exc}", src) from None
         if sock.channel and sock.format != "stream2":
             raise ConfigError(f"ingest.sockets[{i}].channel", sock.channel, "only the stream2 format has "
                               "channels", src)

@@ -74,3 +74,11 @@ def test_overrides_are_validated_and_a_new_preset_replaces_sizes():
     assert atto.model.checkpoint == "x.safetensors"
     with pytest.raises(ConfigError, match="pipeline.buffers"):
         with_overrides(cfg, {"pipeline.buffers": 0})
+
+
+def test_a_format_whose_library_is_missing_is_a_config_error_naming_the_socket(monkeypatch):
+    from peaknet_daemon import sources
+    monkeypatch.setitem(sources.SOURCES, "stream2", "no_such_module:Stream2Source")  # as if cbor2 were absent
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ingest": {"sockets": [{"format": "peaknet/1"}, {"format": "stream2"}]}})
+    assert err.value.key == "ingest.sockets[1].format" and "not installed" in str(err.value)

@@ -17,9 +17,9 @@ import zmq
 from harness import free_port, producer
 from peaknet_daemon.config import SocketConfig
 from peaknet_daemon.ingest import SocketReader
-from peaknet_daemon.sources import SOURCES, ControlEvent, FrameTag, SourceSpec
+from peaknet_daemon.sources import SOURCES, ControlEvent, FrameTag, SourceSpec, source_class
 from peaknet_daemon.wire import REASONS, Rejected
-from peaknet_producers.formats import ENCODERS
+from peaknet_producers.formats import ENCODERS, encoder_class
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +58,7 @@ class Out:
 
 
 def source(dtype: str = "uint16"):
-    return SOURCES["eiger-v1"](SourceSpec(SocketConfig(format="eiger-v1"), ENDPOINT, SHAPE, dtype))
+    return source_class("eiger-v1")(SourceSpec(SocketConfig(format="eiger-v1"), ENDPOINT, SHAPE, dtype))
 
 
 def feed(src, parts: list, out: Out) -> None:
@@ -290,7 +290,7 @@ def test_big_image_is_bounded_before_decompression():
 
 @pytest.mark.parametrize("compression", ["bslz4", "lz4", "none"])
 def test_encoder_round_trip(compression):
-    enc = ENCODERS["eiger-v1"](compression)
+    enc = encoder_class("eiger-v1")(compression)
     frame = np.random.default_rng(2).integers(0, 4000, SHAPE).astype(np.uint16)
     src, out = source(), Out()
     meta = {"photon_energy_ev": 9500.0, "detector_distance_mm": 120.0}
@@ -310,13 +310,13 @@ def test_encoder_round_trip(compression):
 
 def test_encoder_refuses_what_eiger_v1_cannot_carry():
     from peaknet_producers.errors import ProducerError
-    enc = ENCODERS["eiger-v1"]()
+    enc = encoder_class("eiger-v1")()
     with pytest.raises(ProducerError, match="integer run"):
         enc.start("p0", "run-a", {}, np.zeros(SHAPE, np.uint16))
     with pytest.raises(ProducerError, match="not float16"):
         enc.frame(np.zeros(SHAPE, np.float16), "p0", 0, 1, None, {})
     with pytest.raises(ValueError):
-        ENCODERS["eiger-v1"]("zstd")
+        encoder_class("eiger-v1")("zstd")
 
 
 def collect(port: int, dtype: str, out: Out, rejects: list) -> SocketReader:

@@ -7,13 +7,10 @@ A new format is one module plus one line in ENCODERS.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Protocol
 
 import numpy as np
-
-from .eiger_v1 import COMPRESSIONS as EIGER_V1_COMPRESSIONS, EigerV1Encoder
-from .peaknet import PeaknetEncoder
-from .stream2 import COMPRESSIONS as STREAM2_COMPRESSIONS, Stream2Encoder
 
 
 class Encoder(Protocol):
@@ -30,16 +27,26 @@ class Encoder(Protocol):
         """The run's closing message; `count` frames were sent."""
 
 
-ENCODERS: dict[str, Callable[..., Encoder]] = {
-    "peaknet/1": PeaknetEncoder,
-    "eiger-v1": EigerV1Encoder,
-    "stream2": Stream2Encoder,
+# Format name -> "module:class" in this package, imported on first use (a format's libraries are
+# needed only where it is sent).
+ENCODERS: dict[str, str] = {
+    "peaknet/1": "peaknet:PeaknetEncoder",
+    "eiger-v1": "eiger_v1:EigerV1Encoder",
+    "stream2": "stream2:Stream2Encoder",
 }
-# Formats that compress, and how (`--compression`); the first is the default.
+
+# Formats that compress, and how (`--compression`); the first is the default. Each encoder
+# module checks its own against this.
 COMPRESSIONS: dict[str, tuple[str, ...]] = {
-    "eiger-v1": EIGER_V1_COMPRESSIONS,
-    "stream2": STREAM2_COMPRESSIONS,
+    "eiger-v1": ("bslz4", "lz4", "none"),
+    "stream2": ("bslz4", "lz4", "none"),
 }
+
+
+def encoder_class(name: str) -> Callable[..., Encoder]:
+    """The encoder class of format `name` (KeyError: unknown; ImportError: a library is missing)."""
+    module, _, cls = ENCODERS[name].partition(":")
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
 def make_encoder(name: str, compression: str | None = None) -> Encoder:
@@ -48,13 +55,13 @@ def make_encoder(name: str, compression: str | None = None) -> Encoder:
     if name not in ENCODERS:
         raise ValueError(f"unknown format {name!r} (known: {', '.join(ENCODERS)})")
     if compression is None:
-        return ENCODERS[name]()
+        return encoder_class(name)()
     if compression not in COMPRESSIONS.get(name, ()):
         known = COMPRESSIONS.get(name)
         raise ValueError(f"format {name} has compressions {', '.join(known)}, not {compression!r}" if known
                          else f"format {name} has no compression options (--compression is for "
                               f"{', '.join(COMPRESSIONS)})")
-    return ENCODERS[name](compression)
+    return encoder_class(name)(compression)
 
 
-__all__ = ["COMPRESSIONS", "ENCODERS", "Encoder", "make_encoder"]
+__all__ = ["COMPRESSIONS", "ENCODERS", "Encoder", "encoder_class", "make_encoder"]

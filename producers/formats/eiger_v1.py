@@ -15,7 +15,9 @@ from peaknet_daemon.wire import HC_EV_ANGSTROM
 
 from ..errors import ProducerError
 
-COMPRESSIONS = ("bslz4", "lz4", "none")
+from . import COMPRESSIONS as _FORMATS_COMPRESSIONS  # the registry (loaded first)
+
+COMPRESSIONS = _FORMATS_COMPRESSIONS["eiger-v1"]
 WIRE_TYPES = ("uint8", "uint16", "uint32", "int32", "float32")  # the types the eiger-v1 source reads
 BLOCK_BYTES = 8192  # the EIGER's bitshuffle block, as its 12-byte prefix states
 

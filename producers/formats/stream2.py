@@ -19,7 +19,9 @@ import cbor2
 import lz4.block
 import numpy as np
 
-COMPRESSIONS = ("bslz4", "lz4", "none")
+from . import COMPRESSIONS as _FORMATS_COMPRESSIONS  # the registry (loaded first)
+
+COMPRESSIONS = _FORMATS_COMPRESSIONS["stream2"]
 CHANNEL = "threshold_1"
 BLOCK_BYTES = 8192  # the bitshuffle filter's default block: 8 KiB of elements
 LZ4_BLOCK_BYTES = 1 << 30  # the HDF5 LZ4 filter's default block size
