@@ -137,7 +137,7 @@ def run_producer(items: Iterable[Item], endpoint: str, *, bind: bool = False, so
     started = False
     try:
         shape_of = np.asarray(first.data) if first is not None else np.zeros((1, 1, 1), np.uint16)
-        started = sender.send(encoder.start(source, run, dict(start_meta or {}), shape_of))
+        started = sender.send(encoder.start(source, run, dict(start_meta or {}), shape_of, frames))
         if not started:
             raise ProducerError(f"stopped before a consumer at {endpoint} took the start message")
         for seq, item in enumerate(items):

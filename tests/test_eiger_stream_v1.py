@@ -41,9 +41,10 @@ class Out:
         self.buf = np.full(SHAPE, 7, self.dtype)
         self.cond = threading.Condition()
 
-    def wait(self, frames: int, timeout: float = 30) -> None:
+    def wait(self, frames: int, timeout: float = 30, events: int = 0) -> None:
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.frames) >= frames, timeout), len(self.frames)
+            assert self.cond.wait_for(lambda: len(self.frames) >= frames and len(self.events) >= events,
+                                      timeout), (len(self.frames), self.events)
 
     def slot(self) -> np.ndarray:
         return self.buf
@@ -54,7 +55,9 @@ class Out:
             self.cond.notify_all()
 
     def control(self, event: ControlEvent) -> None:
-        self.events.append(event)
+        with self.cond:
+            self.events.append(event)
+            self.cond.notify_all()
 
 
 def source(dtype: str = "uint16"):
@@ -346,13 +349,14 @@ def test_producer_cli_sends_eiger_v1_from_every_frame_source(kind, tmp_path):
                      "--run", "7", "--format", "eiger-v1", "--no-progress")
         stdout, stderr = p.communicate(timeout=90)
         assert p.returncode == 0, stderr
-        out.wait(4)
+        out.wait(4, events=2)
     finally:
         stop.set()
         thread.join(timeout=10)
     assert not rejects
     assert [t.seq for _, t in out.frames] == [0, 1, 2, 3] and {t.run for _, t in out.frames} == {7}
-    assert [e.type for e in out.events] == ["start"]
+    # the header announces the frames the producer was asked for, so the series end settles the run
+    assert [(e.type, e.count) for e in out.events] == [("start", 0), ("end", 4)]
     if kind == "replay":
         expect = np.where(rec == 65535, 0, rec)
         for i, (frame, _) in enumerate(out.frames):

@@ -16,8 +16,10 @@ import numpy as np
 class Encoder(Protocol):
     """One run's messages in one wire format (each a list of ZMQ message parts)."""
 
-    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray) -> list:
-        """The run's opening message; `first` is the first frame (its shape and dtype)."""
+    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray,
+              count: int | None = None) -> list:
+        """The run's opening message; `first` is the first frame (its shape and dtype), `count`
+        the frames the run will have when known (a detector's header announces it)."""
 
     def frame(self, data: np.ndarray, source: str, seq: int, run: int | str, timestamp_ns: int | None,
               meta: dict[str, Any]) -> list:

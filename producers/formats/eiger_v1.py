@@ -35,7 +35,8 @@ class EigerV1Encoder:
             raise ValueError(f"eiger-v1 compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         self.compression = compression
 
-    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray) -> list:
+    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray,
+              count: int | None = None) -> list:
         image = _image(first)
         config: dict[str, Any] = {
             "description": f"peaknet-producer {source}",
@@ -49,6 +50,8 @@ class EigerV1Encoder:
             config["wavelength"] = HC_EV_ANGSTROM / float(energy)
         if isinstance(distance, (int, float)) and distance > 0:
             config["detector_distance"] = float(distance) / 1e3
+        if count:
+            config["nimages"] = int(count)  # the daemon then settles the run at its series end
         head = {"htype": "dheader-1.0", "series": _series(run), "header_detail": "basic"}
         return [json.dumps(head).encode(), json.dumps(config).encode()]
 

@@ -12,7 +12,8 @@ from peaknet_daemon.wire import encode_control, encode_frame
 class PeaknetEncoder:
     """start/end are one msgpack part; a frame is a header part and the raw array, not copied."""
 
-    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray) -> list:
+    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray,
+              count: int | None = None) -> list:
         return encode_control("start", source, run, meta=meta)
 
     def frame(self, data: np.ndarray, source: str, seq: int, run: int | str, timestamp_ns: int | None,

@@ -119,7 +119,8 @@ class Stream2Encoder:
         self.compression = compression
         self._cache: dict[int, tuple[np.ndarray, cbor2.CBORTag]] = {}
 
-    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray) -> list:
+    def start(self, source: str, run: int | str, meta: dict[str, Any], first: np.ndarray,
+              count: int | None = None) -> list:
         first = np.asarray(first)
         p, h, w = first.shape if first.ndim == 3 else (1, *first.shape)
         msg: dict[str, Any] = {
@@ -127,6 +128,8 @@ class Stream2Encoder:
             "arm_date": _dt.datetime.now(_dt.timezone.utc), "channels": [CHANNEL],
             "image_size_x": int(w), "image_size_y": int(p * h), "detector_description": f"peaknet-producer {source}",
         }
+        if count:
+            msg["number_of_images"] = int(count)
         if "photon_energy_ev" in meta:
             msg["incident_energy"] = float(meta["photon_energy_ev"])
         if "detector_distance_mm" in meta:
