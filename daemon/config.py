@@ -157,7 +157,8 @@ class SocketConfig:
                                       "lclstreamer-npz, stream2, eiger-v1)")
     rcvhwm: int = _f(64, 1, 1_000_000, doc="ZMQ receive high-water mark, messages")
     max_message_bytes: int = _f(256 * 2**20, 1024, doc="larger messages are rejected")
-    threads: int = _f(1, 1, 64, doc="ingest threads (each its own PULL socket) for this endpoint")
+    threads: int = _f(1, 1, 64, doc="PULL sockets on this endpoint (connect mode), dealt over the ingest "
+                                    "processes: a detector that binds then feeds several of them")
     channel: str = _f("", doc="stream2: the image channel (threshold) to analyse, e.g. threshold_1; "
                               "empty = the first channel of each image")
 
