@@ -142,7 +142,20 @@ stream2_steps() {  # Stream V2 against peaknet/1, same model, dtype, frames and 
   bench_daemon_row bench_s2_bslz4_bragg 75 --models peaknet-atto --producers 4 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead --format stream2 --compression bslz4 --data bragg
 }
+session_b_steps() {  # one call: the GPU tests that failed in session_a, their errors only; then
+                    # Stream V2 bslz4 against peaknet/1, K = 1 and 4 (~120 + 220 s)
+  timeout -k 10 140 python3 -m pytest -q -p no:logging -p no:cacheprovider --tb=short \
+    "tests/test_gpu_pipeline.py::test_gpu_pipeline_matches_sequential" \
+    "tests/test_model_original.py::test_original_compiles_and_replays_as_a_cuda_graph" > "$OUT/gpu_failed.txt" 2>&1
+  grep -E "^E |^FAILED|Error|passed|failed|^tests/.*py:[0-9]+" "$OUT/gpu_failed.txt" | grep -v DEBUG | head -n 60
+  stream2_deps || return 1
+  bench_daemon_row bench_s2_raw 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+  bench_daemon_row bench_s2_bslz4 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead --format stream2 --compression bslz4
+}
 case ${1:-} in
+  session_b) session_b_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;

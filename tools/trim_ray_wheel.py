@@ -1,4 +1,5 @@
-"""Drop the ray libraries the daemon never imports (rllib, data, serve, tune, train, llm) from
+"""Drop the ray libraries the daemon never imports (rllib, data, serve, tune, train, llm) and
+the dashboard's web client from
 the ray wheel in .whl/, so the working tree plus wheels fit the GPU machine's 64 MiB carry.
 
     ../shared/tools/device-wheels && python3 tools/trim_ray_wheel.py
@@ -11,7 +12,8 @@ import os
 import sys
 import zipfile
 
-DROP = tuple(f"ray/{name}/" for name in ("rllib", "data", "serve", "tune", "train", "llm"))
+# The dashboard's web client too: the daemon starts Ray without the dashboard.
+DROP = tuple(f"ray/{name}/" for name in ("rllib", "data", "serve", "tune", "train", "llm", "dashboard/client/build"))
 
 
 def trim(wheel: str) -> int:
