@@ -226,5 +226,7 @@ def test_original_compiles_and_replays_as_a_cuda_graph(name: str) -> None:
             out = compiled(x).clone()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = torch.compile(net, mode="reduce-overhead")(x).float().cpu()
-    assert (out.cpu() - expected).abs().max() <= 1e-3  # TF32/cuDNN algorithms differ from the CPU's
+    # cuDNN runs fp32 convolutions in TF32 (10-bit mantissa) by default: 0.13 % of the largest
+    # output apart from the CPU's fp32 on the H200 (0.0041 of 3.2), so the bound is relative.
+    assert (out.cpu() - expected).abs().max() <= 5e-3 * expected.abs().max()
     assert (low - expected).abs().max() < 0.05 * expected.abs().max()
