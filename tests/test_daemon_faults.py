@@ -47,10 +47,11 @@ def test_sigterm_with_queued_messages_ends_every_message_in_a_result_or_rejectio
     p = None
     try:
         daemon.wait_ready()
-        # A burst far faster than the CPU finder: messages queue in the sockets.
-        p = producer("bragg", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "300",
+        # A burst far faster than the CPU finder (pooled frames: no simulation per frame), so
+        # messages wait in the sockets' queues when the SIGTERM comes.
+        p = producer("random", "--endpoint", f"tcp://127.0.0.1:{in_port}", "--bind", "--frames", "300",
                      "--rate", "0", "--source", "t", "--run", str(trial), "--seed", str(trial),
-                     "--shape", SHAPE_ARG)
+                     "--shape", SHAPE_ARG, "--dtype", "uint16")
         at_term = len(results.wait_count(10 + 2 * trial, timeout=60))
         rc = daemon.terminate(timeout=60)
     finally:
