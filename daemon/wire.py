@@ -167,6 +167,16 @@ def _check_int64(name: str, value: int, hi: int = INT64_MAX) -> None:
         raise Rejected("out_of_range", f"{name} {value} is outside [0, {hi}]"[:80])
 
 
+def check_uint(fields: dict, key: str, reason: str) -> int:
+    """`fields[key]` as a counter or id of a detector's header: an int (else `reason`, the
+    format's own rejection) in the int64 range every sink keeps (else `out_of_range`)."""
+    value = fields.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Rejected(reason, f"{key} must be an unsigned integer, got {value!r}"[:80])
+    _check_int64(key, value)
+    return value
+
+
 def _is_scalar(v: Any) -> bool:
     if v is None or isinstance(v, bool):
         return True

@@ -24,7 +24,7 @@ import bitshuffle
 import lz4.block
 import numpy as np
 
-from ..wire import DTYPES, HC_EV_ANGSTROM, INT64_MAX, Rejected
+from ..wire import DTYPES, HC_EV_ANGSTROM, Rejected, check_uint
 from .base import ControlEvent, FrameOut, FrameTag, SourceSpec
 
 MAX_JSON_BYTES = 1 << 20  # one JSON part; the detector config of header_detail basic is ~10 KiB
@@ -78,7 +78,7 @@ class EigerStreamV1Source:
 
     # ------------------------------------------------------------------ series header and end
     def _header(self, head: dict, parts: Sequence[memoryview], out: FrameOut) -> None:
-        series = _uint(head, "series")
+        series = check_uint(head, "series", "bad_header")
         detail = head.get("header_detail")
         if detail not in HEADER_PARTS:
             raise Rejected("bad_header", f"header_detail {detail!r}"[:60])
@@ -103,7 +103,7 @@ class EigerStreamV1Source:
     def _end(self, head: dict, parts: Sequence[memoryview], out: FrameOut) -> None:
         if len(parts) not in (1, 2):
             raise Rejected("wrong_parts", f"dseries_end has {len(parts)} parts, expected 1")
-        series = _uint(head, "series")
+        series = check_uint(head, "series", "bad_header")
         info = self.series.get(series)
         # Only the header knows how many images the series has. Without it (another reader
         # took the header, or the sender's config had no nimages) no count is reported and the
@@ -115,7 +115,7 @@ class EigerStreamV1Source:
     def _image(self, head: dict, parts: Sequence[memoryview], received_at: float, out: FrameOut) -> None:
         if len(parts) not in (4, 5):  # + an image appendix
             raise Rejected("wrong_parts", f"dimage has {len(parts)} parts, expected 4")
-        series, frame = _uint(head, "series"), _uint(head, "frame")
+        series, frame = check_uint(head, "series", "bad_header"), check_uint(head, "frame", "bad_header")
         desc = _json(parts[1])
         if desc.get("htype") != "dimage_d-1.0":
             raise Rejected("bad_header", f"part 1 is {desc.get('htype')!r}, expected dimage_d-1.0"[:80])
@@ -217,14 +217,6 @@ def _json(part: memoryview) -> dict:
         raise Rejected("bad_header", "JSON part is not an object")
     return value
 
-
-def _uint(d: dict, key: str) -> int:
-    value = d.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise Rejected("bad_header", f"{key} must be an int, got {value!r}"[:60])
-    if not 0 <= value <= INT64_MAX:
-        raise Rejected("out_of_range", f"{key} {value}"[:60])
-    return value
 
 
 def _positive(config: dict, key: str) -> float | None:

@@ -21,7 +21,7 @@ import cbor2
 import numpy as np
 from dectris.compression import decompress
 
-from ..wire import DTYPES, HC_EV_ANGSTROM, INT64_MAX, MAX_META_STR, Rejected, check_meta
+from ..wire import DTYPES, HC_EV_ANGSTROM, INT64_MAX, MAX_META_STR, Rejected, check_meta, check_uint
 from .base import ControlEvent, FrameOut, FrameTag, SourceSpec
 
 MULTI_DIM = 40  # RFC 8746 multi-dimensional array, row-major
@@ -93,7 +93,7 @@ class Stream2Source:
 
     # ------------------------------------------------------------------------------------------
     def _start(self, msg: dict, out: FrameOut) -> None:
-        series_id = _uint(msg, "series_id")
+        series_id = check_uint(msg, "series_id", "bad_cbor")
         size = (msg.get("image_size_y"), msg.get("image_size_x"))
         if all(isinstance(v, int) for v in size) and size != self.image_shape:
             raise Rejected("wrong_shape", f"series images {size[0]}x{size[1]} vs frame {self.image_shape}")
@@ -111,8 +111,8 @@ class Stream2Source:
     def _end(self, msg: dict, out: FrameOut) -> None:
         """The run's count: `number_of_images` in the end message where the sender knows it only
         then (peaknet-producer writes it; the spec's end has no count), else the start's."""
-        series_id = _uint(msg, "series_id")
-        count = _uint(msg, "number_of_images") if "number_of_images" in msg else None
+        series_id = check_uint(msg, "series_id", "bad_cbor")
+        count = check_uint(msg, "number_of_images", "bad_cbor") if "number_of_images" in msg else None
         if count is None:
             series = self._series.get(series_id)
             if series is None or series.count is None:
@@ -122,7 +122,7 @@ class Stream2Source:
         out.control(ControlEvent("end", self.source, series_id, count))
 
     def _image(self, msg: dict, received_at: float, out: FrameOut) -> None:
-        series_id, image_id = _uint(msg, "series_id"), _uint(msg, "image_id")
+        series_id, image_id = check_uint(msg, "series_id", "bad_cbor"), check_uint(msg, "image_id", "bad_cbor")
         data = msg.get("data")
         if not isinstance(data, dict) or not data:
             raise Rejected("bad_cbor", "image without a data map")
@@ -197,14 +197,6 @@ def _decompress(payload: bytes, algorithm: str, elem_size: int, nbytes: int) -> 
         raise Rejected("bad_compression", f"{algorithm} gave {len(raw)} bytes, expected {nbytes}")
     return raw
 
-
-def _uint(msg: dict, key: str) -> int:
-    value = msg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise Rejected("bad_cbor", f"{key} must be an unsigned integer, got {value!r}"[:80])
-    if not 0 <= value <= INT64_MAX:
-        raise Rejected("out_of_range", f"{key} {value} is outside [0, {INT64_MAX}]"[:80])
-    return value
 
 
 def _number(value: Any) -> float | None:
