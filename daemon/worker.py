@@ -45,7 +45,6 @@ from .shm_ring import (AUTH_FAILURES, COLUMNS, CONTROLS, DISCONNECTS, FRAMES, HE
                        REJECTED0, SharedRing)
 from .security import SocketGuard
 from .sinks import SINKS, ResultSink, SinkContext
-from .sinks.cxi_file import default_max_peaks
 from .supervision import Supervision
 
 log = get_logger("peaknet.worker")
@@ -91,8 +90,6 @@ class Worker:
         self._rejected: Counter[str] = Counter()  # frame rejections decided here (FRAME_REASONS)
         self._sink_errors: Counter[str] = Counter()
         self._sinks: dict[str, ResultSink] = {}  # in SINKS order
-        self._cxi_cap = (default_max_peaks(cfg.pipeline.max_peaks, cfg.pipeline.frame_shape[0])
-                         if cfg.output.cxi_dir else None)  # peaks a CXI row holds
         self._runs: OrderedDict[tuple[str, Any], list[int]] = OrderedDict()  # -> [processed, min seq, max seq]
         self._controls: deque[dict] = deque(maxlen=CONTROLS_KEPT)
         self._controls_dropped = 0
@@ -414,8 +411,9 @@ class Worker:
                 self._reject_frames("non_finite", 1, f"{tag.source}#{tag.seq}: NaN or Inf in the frame")
                 continue
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
-            if self._cxi_cap is not None:  # the peaks its CXI row leaves out, before anyone sees it
-                result["truncated"] = max(0, peaks.n_peaks - self._cxi_cap)
+            cxi = self._sinks.get("cxi")
+            if cxi is not None:  # the peaks its CXI row leaves out, before any sink sees the result
+                cxi.mark(result)
             ready.append((result, None if inputs is None else inputs[i]))
             with self._stats_lock:
                 self._held_results.pop(0)
@@ -455,7 +453,6 @@ class Worker:
                     self._sink_error(name, exc)
                 if i == 0:
                     self._undelivered.pop(0)
-        self._undelivered = []
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:

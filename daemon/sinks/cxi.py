@@ -66,8 +66,8 @@ class CxiSink:
 
     def mark(self, result: dict) -> None:
         """Set result['truncated']: the peaks this frame's CXI row leaves out (0: none). The
-        worker sets the same before any sink sees the result, so consumers of the results
-        stream see what the files lack; `put` sets it for callers that use this sink alone."""
+        worker calls it before any sink sees the result, so consumers of the results stream see
+        what the files lack; `put` calls it for callers that use this sink alone."""
         result["truncated"] = max(0, int(result["n_peaks"]) - self.max_peaks)
 
     def wants_frame(self, n_peaks: int) -> bool:
