@@ -270,6 +270,16 @@ class Config:
 # Loading and validation
 # ----------------------------------------------------------------------------------------------
 
+def bind_endpoint(endpoint: str, index: int) -> str:
+    """In bind mode actor `index` binds the configured TCP port + index (ingest sockets and sinks)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"bind endpoint needs a numeric port: {endpoint}")
+    return f"tcp://{host}:{int(port) + index}"
+
+
 def _check_value(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:

@@ -14,8 +14,7 @@ from typing import Callable
 
 import zmq
 
-from .config import SocketConfig
-from .sinks.base import bind_endpoint
+from .config import SocketConfig, bind_endpoint
 from .sources import FrameOut, FrameTag, SourceSpec, make_source
 from .wire import Rejected
 

@@ -41,13 +41,3 @@ class ResultSink(Protocol):
 
     def close(self, timeout: float) -> bool:
         """Flush and close everything; False when that did not finish within `timeout`."""
-
-
-def bind_endpoint(endpoint: str, index: int) -> str:
-    """A sink that binds: actor `index` binds the configured TCP port + index (as ingest does)."""
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"bind endpoint needs a numeric port: {endpoint}")
-    return f"tcp://{host}:{int(port) + index}"

@@ -35,11 +35,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from ..config import Config
+from ..config import Config, bind_endpoint
 from ..geometry import MSGPACK_TARGET, Geometry, load_geometry, parse_geometry, render, write_text_atomic
 from ..log import get_logger
 from . import SinkError
-from .base import SinkContext, bind_endpoint
+from .base import SinkContext
 from .cxi_file import slab_geometry_text
 
 log = get_logger(__name__)

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import zmq
 
-from ..config import Config, OutputConfig
+from ..config import Config, OutputConfig, bind_endpoint
 from ..log import get_logger
 from ..wire import encode_result
 from . import SinkError
-from .base import SinkContext, bind_endpoint
+from .base import SinkContext
 
 log = get_logger(__name__)
 
