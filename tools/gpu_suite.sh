@@ -19,6 +19,8 @@
 #   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
 #   tools/gpu_suite.sh session_a  # GPU tests, peaknet-atto float32 K=1..8 with 4-thread producers,
 #                                 # ingest-only K=8, one monitor off/on pair (~560 s)
+#   tools/gpu_suite.sh session_c  # fine-tune the shipped atto (5 min), GPU tests of the original
+#                                 # architecture, peaknet-small bare net + pipeline (~560 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -113,17 +115,34 @@ session_a_steps() {  # one call: GPU tests, the runtime's float32 rows with mult
     --producer-io-threads 2
   monitor_steps 1
 }
-train_steps() {  # train (resumable) within ~6 min, then score the weights on every family (~80 s)
-  local preset=${PRESET:-peaknet-atto} dir=${TRAIN_DIR:-runs/train}
+train_steps() {  # train (resumable) for TRAIN_MINUTES (6), then score the weights on every family (~80 s;
+                 # EVAL=0 skips it); TRAIN_ARGS go to train.py (e.g. --init W --schedule-minutes M --lr X)
+  local preset=${PRESET:-peaknet-atto} dir=${TRAIN_DIR:-runs/train} minutes=${TRAIN_MINUTES:-6}
   mkdir -p "$dir"
-  step train $(( ${TRAIN_MINUTES:-6} * 60 + 40 )) python3 tools/train.py --preset "$preset" --minutes "${TRAIN_MINUTES:-6}" \
-    --resume --out "$dir/$preset.safetensors"
+  # shellcheck disable=SC2086
+  step train "$(python3 -c "print(int($minutes * 60 + 40))")" python3 tools/train.py --preset "$preset" \
+    --minutes "$minutes" --resume --out "$dir/$preset.safetensors" ${TRAIN_ARGS:-}
+  grep -E "^\[(val|done|train)\]" "$OUT/train.txt" | tail -n 25
   cp "$dir/$preset.safetensors" "$dir/$preset.train.json" "$OUT/"
-  # The resume checkpoint comes back when small enough (atto ~41 MB; small's optimiser state is not).
-  [ "$(stat -c %s "$dir/$preset.ckpt.pt" 2>/dev/null || echo 0)" -lt 100000000 ] && cp "$dir/$preset.ckpt.pt" "$OUT/"
+  [ "${EVAL:-1}" = 1 ] || return 0
   step eval 130 python3 tools/evaluate.py --families lattice,heldout-jungfrau-diffuse,bragg --detector 4,352,384 \
     --frames 16 --val-frames 6 --finders "$preset,classical,om" --weights "$preset=$OUT/$preset.safetensors" \
     --json "$OUT/eval.json"
+}
+session_c_steps() {  # one call: the first part of a fine-tuning of the shipped atto on diffraction-like
+                    # frames (TRAIN_MINUTES, default 5), then the CUDA-graph test of the original
+                    # architecture (TF32 bound) and peaknet-small's bare net and pipeline (~560 s).
+                    # Continue on the warm machine with: EVAL=0 TRAIN_MINUTES=8.5 TRAIN_ARGS=... train
+  TRAIN_MINUTES=${TRAIN_MINUTES:-5} EVAL=0 train_steps
+  timeout -k 10 100 python3 -m pytest -q -p no:logging -p no:cacheprovider --tb=short -m gpu \
+    "tests/test_model_original.py" > "$OUT/gpu_original.txt" 2>&1
+  grep -E "^E |^FAILED|passed|failed" "$OUT/gpu_original.txt" | head -n 20
+  step bench_small 120 python3 tools/bench_pipeline.py --models peaknet-small --seconds 3 --skip-naive \
+    --json "$OUT/bench_small.json"
+}
+small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 2, 4, 8 (~240 s)
+  bench_daemon_row bench_small_f32 260 --models peaknet-small --producers 1,2,4,8 --frames 1600 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
 }
 stream2_deps() {  # dectris-compression has no wheels on PyPI: build its sdist here when no wheel came
   python3 -c "import cbor2, lz4.block, dectris.compression" 2>/dev/null && return 0
@@ -156,6 +175,8 @@ session_b_steps() {  # one call: the GPU tests that failed in session_a, their e
 }
 case ${1:-} in
   session_b) session_b_steps ;;
+  session_c) session_c_steps ;;
+  small_daemon) small_daemon_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
