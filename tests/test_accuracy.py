@@ -3,6 +3,7 @@ plus the counting rules of peaknet_daemon.evaluation that those figures rest on.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -105,8 +106,11 @@ def test_classical_finder_f1_at_snr5(classical):
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped PeakNet weights not trained yet (tools/train.py)")
 def test_peaknet_checkpoint_f1_at_snr5(frames, classical):
+    # At the operating point its log names (what configs/*.yaml set; tools/evaluate.py reads it too).
+    point = json.loads(DEFAULT_WEIGHTS.with_suffix(".train.json").read_text())["operating_point"]
     t = time.perf_counter()
-    s = _score({"preset": "peaknet-atto", "checkpoint": "default"}, frames)
+    s = _score({"preset": "peaknet-atto", "checkpoint": "default", "threshold": point["threshold"]}, frames,
+               min_pixels=point["min_pixels"])
     elapsed = time.perf_counter() - t
     assert s["cumulative"][">=5"]["f1"] >= 0.90, s
     # PeakNet is at least as good as the classical finder on the faint peaks (SNR 3..5).

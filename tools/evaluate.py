@@ -123,14 +123,16 @@ def tuning_score(summary: dict[str, Any]) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def recommended(checkpoint: Optional[Path]) -> dict[str, Any]:
-    """threshold and min_pixels that tools/train.py picked on validation, from its log."""
+    """threshold and min_pixels from the log next to the weights: its `operating_point` (the
+    release's choice, with its reason) when present, else what tools/train.py picked (`best`)."""
     if checkpoint is None:
         return {}
     log = checkpoint.with_suffix(".train.json")
     if not log.is_file():
         return {}
-    best = json.loads(log.read_text()).get("best", {})
-    return {k: best[k] for k in ("threshold", "min_pixels") if k in best}
+    data = json.loads(log.read_text())
+    point = data.get("operating_point") or data.get("best", {})
+    return {k: point[k] for k in ("threshold", "min_pixels") if k in point}
 
 
 def daemon_finder_config(kind: str, shape: tuple[int, int, int], dtype: str, device: str,
