@@ -21,6 +21,7 @@
 #                                 # ingest-only K=8, one monitor off/on pair (~560 s)
 #   tools/gpu_suite.sh session_c  # fine-tune the shipped atto (5 min), GPU tests of the original
 #                                 # architecture, peaknet-small bare net + pipeline (~560 s)
+#   tools/gpu_suite.sh small_daemon  # bench_daemon peaknet-small float32 K=1,2,4,8 (~240 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
