@@ -21,7 +21,7 @@
 #                                 # ingest-only K=8, one monitor off/on pair (~560 s)
 #   tools/gpu_suite.sh session_c  # fine-tune the shipped atto (5 min), GPU tests of the original
 #                                 # architecture, peaknet-small bare net + pipeline (~560 s)
-#   tools/gpu_suite.sh small_daemon  # bench_daemon peaknet-small float32 K=1,2,4,8 (~240 s)
+#   tools/gpu_suite.sh small_daemon  # bench_daemon peaknet-small float32 K=1,4,8 (~130 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -141,8 +141,8 @@ session_c_steps() {  # one call: the first part of a fine-tuning of the shipped 
   step bench_small 120 python3 tools/bench_pipeline.py --models peaknet-small --seconds 3 --skip-naive \
     --json "$OUT/bench_small.json"
 }
-small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 2, 4, 8 (~240 s)
-  bench_daemon_row bench_small_f32 260 --models peaknet-small --producers 1,2,4,8 --frames 1600 --dtype float32 \
+small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
+  bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
 }
 stream2_deps() {  # dectris-compression has no wheels on PyPI: build its sdist here when no wheel came
