@@ -208,9 +208,9 @@ class CrystfelLiveSink:
                     self.on_error(exc)
                     continue
                 self._warn_unknown_energy(result)
+                self.served += 1  # counted before it leaves: whoever has the reply sees it counted
                 sock.send(msg, copy=False)
                 self._owes_reply = False
-                self.served += 1
         finally:
             if self._stopping.is_set():
                 self._close_socket()
