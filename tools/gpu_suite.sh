@@ -125,6 +125,8 @@ train_steps() {  # train (resumable) for TRAIN_MINUTES (6), then score the weigh
     --minutes "$minutes" --resume --out "$dir/$preset.safetensors" ${TRAIN_ARGS:-}
   grep -E "^\[(val|done|train)\]" "$OUT/train.txt" | tail -n 25
   cp "$dir/$preset.safetensors" "$dir/$preset.train.json" "$OUT/"
+  # The resume checkpoint comes back when small enough (atto ~41 MB; small's optimiser state is not).
+  [ "$(stat -c %s "$dir/$preset.ckpt.pt" 2>/dev/null || echo 0)" -lt 100000000 ] && cp "$dir/$preset.ckpt.pt" "$OUT/"
   [ "${EVAL:-1}" = 1 ] || return 0
   step eval 130 python3 tools/evaluate.py --families lattice,heldout-jungfrau-diffuse,bragg --detector 4,352,384 \
     --frames 16 --val-frames 6 --finders "$preset,classical,om" --weights "$preset=$OUT/$preset.safetensors" \
@@ -133,7 +135,7 @@ train_steps() {  # train (resumable) for TRAIN_MINUTES (6), then score the weigh
 session_c_steps() {  # one call: the first part of a fine-tuning of the shipped atto on diffraction-like
                     # frames (TRAIN_MINUTES, default 5), then the CUDA-graph test of the original
                     # architecture (TF32 bound) and peaknet-small's bare net and pipeline (~560 s).
-                    # Continue on the warm machine with: EVAL=0 TRAIN_MINUTES=8.5 TRAIN_ARGS=... train
+                    # Continue on the warm machine with: EVAL=0 TRAIN_MINUTES=8 TRAIN_ARGS=... train
   TRAIN_MINUTES=${TRAIN_MINUTES:-5} EVAL=0 train_steps
   timeout -k 10 100 python3 -m pytest -q -p no:logging -p no:cacheprovider --tb=short -m gpu \
     "tests/test_model_original.py" > "$OUT/gpu_original.txt" 2>&1
@@ -153,12 +155,15 @@ stream2_deps() {  # dectris-compression has no wheels on PyPI: build its sdist h
   python3 -c "import cbor2, lz4.block, dectris.compression" || {
     echo "stream2: cbor2, lz4 or dectris.compression missing: carry their wheels (or the sdist) in .whl/"; return 1; }
 }
-stream2_steps() {  # Stream V2 against peaknet/1, same model, dtype, frames and producers (~300 s)
-  stream2_deps || return 1
+stream2_rows() {  # peaknet/1 raw, then Stream V2 bslz4: same model, dtype, frames, K = 1 and 4
   bench_daemon_row bench_s2_raw 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead
   bench_daemon_row bench_s2_bslz4 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead --format stream2 --compression bslz4
+}
+stream2_steps() {  # Stream V2 against peaknet/1, same model, dtype, frames and producers (~300 s)
+  stream2_deps || return 1
+  stream2_rows
   bench_daemon_row bench_s2_bslz4_bragg 75 --models peaknet-atto --producers 4 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead --format stream2 --compression bslz4 --data bragg
 }
@@ -169,10 +174,7 @@ session_b_steps() {  # one call: the GPU tests that failed in session_a, their e
     "tests/test_model_original.py::test_original_compiles_and_replays_as_a_cuda_graph" > "$OUT/gpu_failed.txt" 2>&1
   grep -E "^E |^FAILED|Error|passed|failed|^tests/.*py:[0-9]+" "$OUT/gpu_failed.txt" | grep -v DEBUG | head -n 60
   stream2_deps || return 1
-  bench_daemon_row bench_s2_raw 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
-    --compile --compile-mode reduce-overhead
-  bench_daemon_row bench_s2_bslz4 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
-    --compile --compile-mode reduce-overhead --format stream2 --compression bslz4
+  stream2_rows
 }
 case ${1:-} in
   session_b) session_b_steps ;;

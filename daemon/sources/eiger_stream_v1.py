@@ -218,7 +218,6 @@ def _json(part: memoryview) -> dict:
     return value
 
 
-
 def _positive(config: dict, key: str) -> float | None:
     """A finite number > 0 from the detector config, else None (a config value is not worth a
     rejection: the frames are still good)."""

@@ -198,7 +198,6 @@ def _decompress(payload: bytes, algorithm: str, elem_size: int, nbytes: int) -> 
     return raw
 
 
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
