@@ -29,9 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_process import wait_ready  # noqa: E402
-from fuzz_daemon import RUN, SOURCE, Fuzz, rejected, rss, scrape  # noqa: E402
-
-from peaknet_daemon.wire import encode_control  # noqa: E402
+from fuzz_daemon import RUN, Fuzz, rejected, rss, scrape  # noqa: E402
 
 
 def measure_max_rate(fuzz: Fuzz, frames: int, timeout: float) -> float:
