@@ -4,9 +4,9 @@ frames lost with a dead actor, and settled runs.
 Actors report cumulative stats; an actor that restarts comes back with fresh counters under a
 new incarnation id. `Accounting` keeps the latest stats of every incarnation, so a dead one's
 frames still count. When an incarnation ends, its last word is its tally file (rewritten by
-the worker after every batch), or else its last polled stats; what it had taken off its
-sockets and not finished (`in_flight`) is counted as lost in the restart. Metrics only display
-`totals()`.
+the worker after every batch) merged with what its results sender sent (`merge_sent`), or else
+its last polled stats; what it had taken off its sockets and not finished (`in_flight`) is
+counted as lost in the restart. Metrics only display `totals()`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,23 @@ from .runs import RunOutcome, RunTracker
 _SCALARS = ("received", "processed", "peaks", "hits", "control_messages", "peaks_truncated", "auth_failures",
             "peer_disconnects")
 _LABELLED = ("rejected", "sink_errors", "thread_failures", "results_dropped")
+
+
+def merge_sent(worker: Optional[dict], sent: Optional[dict]) -> Optional[dict]:
+    """A dead incarnation's tally with its results sender's final count
+    (sinks/results_sender.py). The sender counted every result the worker's pipe delivered,
+    also those written after the worker's last tally, so its `processed`, per-run counts,
+    peaks and hits stand; the frames in flight shrink by what it sent beyond the worker's count."""
+    if sent is None or not sent.get("final"):
+        return worker
+    base = dict(worker or {})
+    extra = int(sent["processed"]) - int(base.get("processed", 0))
+    dropped = Counter({str(k): int(v) for k, v in (base.get("results_dropped") or {}).items()})
+    dropped.update({str(k): int(v) for k, v in (sent.get("results_dropped") or {}).items()})
+    base.update(processed=int(sent["processed"]), peaks=int(sent["peaks"]), hits=int(sent["hits"]),
+                runs=sent["runs"], results_dropped=dict(dropped),
+                in_flight=max(0, int(base.get("in_flight", 0)) - extra))
+    return base
 
 
 class Accounting:

@@ -176,7 +176,8 @@ class OutputConfig:
     results_endpoint: str = _f("", doc="empty = no results stream")
     results_mode: Literal["push", "pub"] = _f("push", doc="push: lossless with backpressure; pub: monitoring, drops")
     results_bind: bool = _f(False, doc="false: actors connect to a consumer that binds; true: actor i binds port + i")
-    results_sndhwm: int = _f(10000, 1, doc="results queued per actor before backpressure")
+    results_sndhwm: int = _f(10000, 1, doc="results queued per actor before backpressure (in the sender "
+                                           "process's pipe, and again in its socket)")
     cxi_dir: str = _f("", doc="empty = no CXI files")
     frames_per_file: int = _f(1000, 1, doc="CXI files rotate after this many events")
     save_frames: Literal["hits", "all", "none"] = _f("hits", doc="which events a CXI file holds (with data); none = all, peaks only")

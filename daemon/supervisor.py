@@ -23,7 +23,7 @@ from typing import Any, Optional
 import msgpack
 import ray
 
-from .accounting import Accounting
+from .accounting import Accounting, merge_sent
 from .actor import PipelineActor, actor_options
 from .config import Config
 from .gpu_health import check_gpus, check_node_task, format_table, healthy_visible_devices
@@ -31,10 +31,11 @@ from .log import RateLimitedLog, get_logger
 from .metrics import Metrics
 from .monitor import PREFIX as MONITOR_PREFIX, MonitorState, gpu_readings, monitor_app
 from .sdnotify import SdNotifier
-from .worker import tally_path
+from .worker import sent_path, tally_path
 from .security import exposure_warnings
 
 log = get_logger("peaknet.supervisor")
+SENDER_FINAL_S = 10.0  # a dead actor's results sender sends what its pipe held, then counts (~ms)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -361,9 +362,27 @@ class Supervisor:
         return totals
 
 
-def read_tally(tally_dir: str, index: int, incarnation: str) -> Optional[dict]:
-    """The tally file a worker left (None when there is none, e.g. on another node)."""
+def read_tally(tally_dir: str, index: int, incarnation: str, wait_s: float = SENDER_FINAL_S) -> Optional[dict]:
+    """What a dead incarnation left: its worker's tally file, merged with its results sender's
+    final count (None when there is neither, e.g. on another node). The sender outlives the
+    worker by the time it takes to send what the pipe held, so its count is waited for."""
+    worker = _read_msgpack(tally_path(tally_dir, index, incarnation))
+    sent_file = sent_path(tally_dir, index, incarnation)
+    sent = _read_msgpack(sent_file)
+    if sent is None and (worker or {}).get("results_sender"):
+        deadline = time.monotonic() + wait_s
+        while sent is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            sent = _read_msgpack(sent_file)
+        if sent is None:
+            log.error("results_sender_count_missing", actor=index, incarnation=incarnation,
+                      detail=f"no final count from the results sender within {wait_s:.0f} s; "
+                             "the worker's tally is used")
+    return merge_sent(worker, sent)
+
+
+def _read_msgpack(path: Path) -> Optional[dict]:
     try:
-        return msgpack.unpackb(tally_path(tally_dir, index, incarnation).read_bytes(), raw=False)
+        return msgpack.unpackb(path.read_bytes(), raw=False)
     except (OSError, ValueError, msgpack.UnpackException):
         return None

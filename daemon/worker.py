@@ -5,7 +5,8 @@ ingest processes (N)            GPU process (this)
   PULL sockets                    slots thread:    free pipeline slot -> an ingest process
   validate, copy into  --slot-->  dispatch thread: batch of slot i -> Pipeline.submit (H2D)
   a shared batch slot  <--slot--  launcher thread: detect + extract + D2H (CUDA only)
-                                  results thread:  collect -> results stream, CXI writer thread
+                                  results thread:  collect -> results sender process (pipe),
+                                                   CXI writer thread
 ```
 
 A `Worker` is plain Python so it can be tested without Ray; `actor.py` wraps it as the Ray actor.
@@ -13,8 +14,8 @@ Every thread runs under `Supervision` (failures logged, counted, the frames they
 as `internal_error`, the thread restarted); a dead ingest process is counted the same way and
 started again. Every frame taken off a socket ends in exactly one of: a result, a counted
 rejection, or (only when this whole process dies) a loss the supervisor counts from the tally
-file this worker rewrites after every batch. `stop()` drains the sockets' queues and is
-bounded by `shutdown.timeout_s`.
+file this worker rewrites after every batch and the results sender's final count. `stop()`
+drains the sockets' queues and is bounded by `shutdown.timeout_s`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def tally_path(tally_dir: str, index: int, incarnation: str) -> Path:
     return Path(tally_dir) / f"actor-{index}-{incarnation}.msgpack"
 
 
+def sent_path(tally_dir: str, index: int, incarnation: str) -> Path:
+    """Where the worker's results sender writes what it sent (sinks/results_sender.py)."""
+    return Path(tally_dir) / f"actor-{index}-{incarnation}.sent.msgpack"
+
+
 class Worker:
     """See the module docstring. `ingest=False` builds a worker for the library API only.
     `tally_dir`: where to rewrite the tally file after every batch (None: no file)."""
@@ -107,7 +113,6 @@ class Worker:
         self._dispatch_over = threading.Event()  # the dispatch thread has handed over its last batch
         self._held_batch: Optional[tuple[list, int]] = None  # dispatch: tags of a batch being submitted
         self._held_results: Optional[list] = None  # results: tags of a batch not yet counted
-        self._undelivered: list = []  # results: counted, not yet taken by the first sink
         self.endpoints: list[str] = []
         self._children: list[IngestProcess] = []
         self._children_lock = threading.Condition()
@@ -132,8 +137,9 @@ class Worker:
             self._warm_up()
             self._ctx = zmq.Context()
             self._guard = SocketGuard(cfg.security, self._ctx)  # CURVE on sink sockets; refused peers
+            sent = str(sent_path(tally_dir, index, self.incarnation)) if tally_dir else None
             context = SinkContext(self.name, index, f"w{index}-{self.incarnation[:6]}", self._ctx,
-                                  self._guard.secure, self.supervision.spawn, self._sink_error)
+                                  self._guard.secure, self.supervision.spawn, self._sink_error, sent)
             for name, build in SINKS.items():
                 sink = build(cfg, context)
                 if sink is not None:
@@ -382,32 +388,23 @@ class Worker:
                 return
 
     def _results_failed(self, exc: BaseException) -> None:
-        """The frames the thread held end as `internal_error`: those not yet counted, and those
-        counted whose result the first sink had not taken yet."""
+        """The frames the thread held, not yet taken by the first sink, end as `internal_error`."""
         held, self._held_results = self._held_results, None
-        undelivered, self._undelivered = self._undelivered, []
-        if undelivered:
-            with self._stats_lock:
-                self._processed -= len(undelivered)
-        n = len(held or ()) + len(undelivered)
-        if n:
-            self._reject_frames("internal_error", n, f"result thread failed: {exc!r}")
+        if held:
+            self._reject_frames("internal_error", len(held), f"result thread failed: {exc!r}")
 
     def _handle_batch(self, batch: BatchResult, deliver: bool = True) -> None:
-        """Count the batch's results, write the tally, then hand the results to the sinks.
-
-        The tally is written before any result leaves, and the results stream (the first sink)
-        sends the whole batch right after it: a `kill -9` between the two is a window of
-        microseconds, so a dead actor's tally matches the results it sent."""
+        """Turn a batch into results and hand them to the sinks (see `_deliver`); frames with
+        NaN or Inf (found on the device) end as `non_finite` rejections."""
         out = self.cfg.output
         inputs = batch.inputs
         self._held_results = list(batch.tags)
         bad = set(batch.nonfinite)
         ready: list[tuple[dict, Optional[np.ndarray]]] = []
         for i, (tag, peaks) in enumerate(zip(batch.tags, batch.frames)):
-            if i in bad:  # NaN or Inf in the frame (found on the device): no result
+            if i in bad:
                 with self._stats_lock:
-                    self._held_results.pop(0)
+                    self._held_results.remove(tag)
                 self._reject_frames("non_finite", 1, f"{tag.source}#{tag.seq}: NaN or Inf in the frame")
                 continue
             result = frame_result(tag, peaks, out.hit_threshold, self.name, batch.done_at)
@@ -415,44 +412,58 @@ class Worker:
             if cxi is not None:  # the peaks its CXI row leaves out, before any sink sees the result
                 cxi.mark(result)
             ready.append((result, None if inputs is None else inputs[i]))
-            with self._stats_lock:
-                self._held_results.pop(0)
-                self._processed += 1
-                self._peaks += peaks.n_peaks
-                self._hits += result["hit"]
-                self._latencies.append(result["latency_ms"] / 1e3)
-                key = (tag.source, tag.run)
-                tally = self._runs.get(key)
-                if tally is None:
-                    tally = self._runs[key] = [0, tag.seq, tag.seq]
-                    while len(self._runs) > RUNS_KEPT:
-                        self._runs.popitem(last=False)
-                else:
-                    self._runs.move_to_end(key)
-                tally[0] += 1
-                tally[1], tally[2] = min(tally[1], tag.seq), max(tally[2], tag.seq)
-        self._held_results = None
         with self._stats_lock:
             self._batch_sizes.append(len(batch.frames))
         self._last_batch_done = time.monotonic()
         if deliver:
-            self._undelivered = [result for result, _ in ready]
-            self._write_tally()
             self._deliver(ready)
-            self._undelivered = []
+        else:
+            for result, _ in ready:
+                self._count(result)
         if self._monitor is not None:
             for result, frame in ready:
                 self._monitor.offer(result, frame)
 
     def _deliver(self, ready: list[tuple[dict, Optional[np.ndarray]]]) -> None:
-        for i, (name, sink) in enumerate(self._sinks.items()):  # in SINKS order: the results stream first
+        """The first sink (in SINKS order: the results stream) takes each result before it is
+        counted, so a count never runs ahead of what left; then the tally file is rewritten and
+        the other sinks get the batch."""
+        sinks = list(self._sinks.items())
+        for result, frame in ready:
+            if sinks:
+                self._put(*sinks[0], result, frame)
+            self._count(result)
+        self._write_tally()
+        for name, sink in sinks[1:]:
             for result, frame in ready:
-                try:
-                    sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
-                except Exception as exc:  # a sink's consumer or disk must never take the worker down
-                    self._sink_error(name, exc)
-                if i == 0:
-                    self._undelivered.pop(0)
+                self._put(name, sink, result, frame)
+
+    def _put(self, name: str, sink: ResultSink, result: dict, frame: Optional[np.ndarray]) -> None:
+        try:
+            sink.put(result, frame if frame is not None and sink.wants_frame(result["n_peaks"]) else None)
+        except Exception as exc:  # a sink's consumer or disk must never take the worker down
+            self._sink_error(name, exc)
+
+    def _count(self, result: dict) -> None:
+        """One frame's result is out: count it, and let go of its tag."""
+        with self._stats_lock:
+            if self._held_results:
+                self._held_results.pop(0)
+            self._processed += 1
+            self._peaks += result["n_peaks"]
+            self._hits += result["hit"]
+            self._latencies.append(result["latency_ms"] / 1e3)
+            key = (result["source"], result["run"])
+            seq = result["seq"]
+            tally = self._runs.get(key)
+            if tally is None:
+                tally = self._runs[key] = [0, seq, seq]
+                while len(self._runs) > RUNS_KEPT:
+                    self._runs.popitem(last=False)
+            else:
+                self._runs.move_to_end(key)
+            tally[0] += 1
+            tally[1], tally[2] = min(tally[1], seq), max(tally[2], seq)
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:
@@ -466,6 +477,7 @@ class Worker:
             return
         with self._stats_lock:
             data = {"index": self.index, "incarnation": self.incarnation, **self._counts(),
+                    "results_sender": "results_stream" in self._sinks,
                     "runs": [[s, r, *t] for (s, r), t in self._runs.items()], "controls": list(self._controls)}
         tmp = self._tally_file.with_suffix(".tmp")
         try:
@@ -568,8 +580,10 @@ class Worker:
             dropped.update(getattr(sink, "dropped", {}))
         return {"peaks_truncated": sum(getattr(s, "peaks_truncated", 0) for s in self._sinks.values()),
                 "results_dropped": dict(dropped),
-                "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES]),
-                "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])}
+                "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES])
+                + sum(getattr(s, "auth_failures", 0) for s in self._sinks.values()),
+                "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])
+                + sum(getattr(s, "disconnects", 0) for s in self._sinks.values())}
 
     def _ingest_rss(self) -> list[int]:
         """Resident memory of each ingest process (0 for one that is down)."""

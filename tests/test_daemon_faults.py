@@ -103,6 +103,7 @@ def test_killed_actor_mid_run_missing_equals_seqs_without_result(tmp_path):
             assert outcome["count"] == 600
             assert outcome["missing"] == 600 - len(got), (trial, outcome, len(got))
             assert outcome["processed"] == len(got)
+        assert not daemon.find("results_sender_count_missing")  # each dead sender's count was read
         assert daemon.terminate(timeout=60) == 0, daemon.tail()
     finally:
         daemon.kill()

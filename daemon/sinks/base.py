@@ -25,6 +25,7 @@ class SinkContext:
     secure: Callable[[Any], None] | None  # applies CURVE options to a socket (security.SocketGuard)
     spawn: Callable[..., Any] | None  # supervision.Supervision.spawn, for a sink's own thread
     on_error: Callable[[str, BaseException], None]  # count and log a failure of sink `name`
+    sent_tally: str | None = None  # where the results sender writes what it sent (supervisor reads it)
 
 
 class ResultSink(Protocol):

@@ -3,22 +3,21 @@
 PUSH is lossless: when no consumer keeps up, `send` blocks (backpressure reaches the pipeline)
 and warns periodically. PUB never blocks: results nobody subscribed to, or that overflow the
 send HWM, are dropped and counted. PUB is an XPUB with NODROP so both cases are visible.
+The daemon runs this socket in a process of its own (results_sender.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any, Callable
 
 import zmq
 
-from ..config import Config, OutputConfig, bind_endpoint
+from ..config import OutputConfig
 from ..log import get_logger
 from ..wire import encode_result
 from . import SinkError
-from .base import SinkContext
 
 log = get_logger(__name__)
 
@@ -70,7 +69,10 @@ class ResultStream:
     def send(self, result: dict[str, Any]) -> bool:
         """Send one result; True when queued. PUSH blocks while the consumer is behind; PUB drops.
         Returns False when dropped (PUB) or when the stream is closing."""
-        msg = encode_result(result)
+        return self.send_encoded(encode_result(result))
+
+    def send_encoded(self, msg: bytes) -> bool:
+        """`send` for a result already encoded (`wire.encode_result`)."""
         with self._lock:
             if self._sock is None or self._closing.is_set():
                 self._drop("closed")
@@ -153,24 +155,3 @@ class ResultStream:
             if self._own_ctx:
                 self._ctx.term()
         return True
-
-    # ResultSink (base.py)
-    @classmethod
-    def from_config(cls, cfg: Config, ctx: SinkContext) -> "ResultStream | None":
-        """The stream of `output.results_endpoint` (None when empty); in bind mode actor i binds
-        the port + i, like the ingest sockets."""
-        out = cfg.output
-        if not out.results_endpoint:
-            return None
-        if out.results_bind:
-            out = dataclasses.replace(out, results_endpoint=bind_endpoint(out.results_endpoint, ctx.index))
-        return cls(out, ctx.zmq_context, secure=ctx.secure)
-
-    def wants_frame(self, n_peaks: int) -> bool:
-        return False
-
-    def put(self, result: dict[str, Any], frame: Any = None) -> None:
-        self.send(result)
-
-    def close_run(self, run: Any, timeout: float = 0.0) -> list[str]:
-        return []
