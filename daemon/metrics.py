@@ -134,6 +134,8 @@ class Metrics:
                         gauge.labels(actor).set(s[key])
                 for i, rss in enumerate(s.get("ingest_rss_bytes") or ()):
                     self.rss_bytes.labels(f"{actor}/ingest{i}").set(rss)
+                if s.get("sender_rss_bytes"):
+                    self.rss_bytes.labels(f"{actor}/results").set(s["sender_rss_bytes"])
                 if "health" in s:
                     self.actor_healthy.labels(actor).set(1 if s["health"].get("healthy") else 0)
             self.actors_alive.set(alive if actors_alive is None else actors_alive)

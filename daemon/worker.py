@@ -535,6 +535,11 @@ class Worker:
                     "alive": c.alive(), "pid": c.process.pid if c.process else None, "starts": c.starts,
                     "failures": self.supervision.failures.get("ingest", 0),
                     "idle_s": round((now_ns - beat) / 1e9, 3) if beat else None}
+        sender = self._sinks.get("results_stream")
+        process = getattr(sender, "process", None)
+        if process is not None:  # started again on the next result when it died
+            report["results-sender"] = {"alive": process.is_alive(), "pid": process.pid,
+                                        "starts": 1 + getattr(sender, "restarts", 0)}
         return report
 
     # ------------------------------------------------------------------ control (actor methods)
@@ -563,7 +568,7 @@ class Worker:
                 "controls_dropped": self._controls_dropped,
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(), "device_mem_bytes": self._device_memory(),
-                "ingest_rss_bytes": self._ingest_rss(),
+                "ingest_rss_bytes": self._ingest_rss(), "sender_rss_bytes": self._sender_rss(),
                 "health": health, "workers": workers,
                 **self._integrity_stats(),
             }
@@ -590,6 +595,11 @@ class Worker:
         with self._children_lock:
             return [process_rss_bytes(c.process.pid) if c.alive() and c.process is not None else 0
                     for c in self._children]
+
+    def _sender_rss(self) -> int:
+        """Resident memory of the results sender process (0 when there is none)."""
+        process = getattr(self._sinks.get("results_stream"), "process", None)
+        return process_rss_bytes(process.pid) if process is not None and process.is_alive() else 0
 
     def _device_memory(self) -> int:
         import torch

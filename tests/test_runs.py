@@ -52,3 +52,23 @@ def test_shutdown_settles_an_ended_run_short_of_its_count():
     t.update([stats(0, "a", [["p0", 1, 9, 0, 9]], [END])], now=0)
     (done,) = t.settle_all()
     assert (done.count, done.processed, done.missing, done.how) == (10, 9, 1, "shutdown")
+
+
+def test_a_dead_incarnation_counts_what_its_results_sender_sent():
+    """The worker's tally was written before its last results went into the sender's pipe;
+    the sender's final count (3 more) is what reached the consumer."""
+    from peaknet_daemon.accounting import Accounting, merge_sent
+    worker = {**stats(0, "old", [["p0", 1, 10, 0, 9]]), "received": 15, "processed": 10, "peaks": 50,
+              "hits": 4, "in_flight": 5, "results_sender": True}
+    sent = {"final": True, "processed": 13, "peaks": 60, "hits": 5, "runs": [["p0", 1, 13, 0, 12]],
+            "results_dropped": {}}
+    acc = Accounting(grace_s=5)
+    acc.observe([{**worker, "processed": 9, "runs": [["p0", 1, 9, 0, 8]]}], now=0)  # last poll
+    assert acc.end(0, "old", merge_sent(worker, sent), now=1) == 2  # 15 received, 13 sent
+    new = {**stats(0, "new", [["p0", 1, 5, 15, 19]], [{**END, "count": 20}]), "processed": 5}
+    assert acc.observe([new], now=2) == []
+    (done,) = acc.observe([new], now=7)  # the grace after the end
+    assert (done.processed, done.missing) == (18, 2)  # seqs 13 and 14 died with the old incarnation
+    totals = acc.totals()
+    assert (totals["processed"], totals["lost_in_restart"], totals["hits"]) == (13 + 5, 2, 5)
+    assert merge_sent(worker, {**sent, "final": False}) is worker  # only a final count stands

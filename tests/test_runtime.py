@@ -151,6 +151,20 @@ def test_a_killed_ingest_process_is_counted_and_started_again(running, results, 
     assert balanced(s) and s["health"]["healthy"]
 
 
+def test_a_killed_results_sender_is_started_again_and_results_go_on(running, results, frames):
+    worker, pusher = running()
+    pusher.send(frames[:4])
+    assert len(results.wait_count(4)) == 4
+    first = worker.stats()["workers"]["results-sender"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    wait_stats(worker, lambda s: not s["workers"]["results-sender"]["alive"])
+    pusher.send(frames[4:8], first_seq=4)
+    assert sorted(r["seq"] for r in results.wait_count(8)) == list(range(8))
+    s = wait_stats(worker, lambda s: s["processed"] == 8 and s["workers"]["results-sender"]["alive"])
+    assert s["workers"]["results-sender"]["starts"] == 2 and s["workers"]["results-sender"]["pid"] != first
+    assert s["results_dropped"] == {} and s["sender_rss_bytes"] > 0 and balanced(s)
+
+
 def test_a_stalled_pipeline_is_unhealthy_until_frames_move_again(running, results, frames, monkeypatch):
     worker, pusher = running(health={"stall_s": 1.0})
     release = threading.Event()

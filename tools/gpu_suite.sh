@@ -22,6 +22,8 @@
 #   tools/gpu_suite.sh session_c  # fine-tune the shipped atto (5 min), GPU tests of the original
 #                                 # architecture, peaknet-small bare net + pipeline (~560 s)
 #   tools/gpu_suite.sh small_daemon  # bench_daemon peaknet-small float32 K=1,4,8 (~130 s)
+#   tools/gpu_suite.sh session_d  # the runtime's GPU tests, then peaknet-atto end to end through the
+#                                 # results sender process: uint16 K=1,4, float32 K=1,4,8 (~380 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -143,6 +145,13 @@ session_c_steps() {  # one call: the first part of a fine-tuning of the shipped 
   step bench_small 120 python3 tools/bench_pipeline.py --models peaknet-small --seconds 3 --skip-naive \
     --json "$OUT/bench_small.json"
 }
+session_d_steps() {  # one call: the runtime's GPU tests, then peaknet-atto end to end (results sender)
+  step runtime_tests 120 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider tests/test_gpu_runtime.py
+  bench_daemon_row bench_atto_u16 110 --models peaknet-atto --producers 1,4 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+  bench_daemon_row bench_atto_f32_io4 130 --models peaknet-atto --producers 1,4,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -180,6 +189,7 @@ case ${1:-} in
   session_b) session_b_steps ;;
   session_c) session_c_steps ;;
   small_daemon) small_daemon_steps ;;
+  session_d) session_d_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -192,5 +202,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_c|session_d|small_daemon|stream2" >&2; exit 2 ;;
 esac
