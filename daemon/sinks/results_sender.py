@@ -20,7 +20,9 @@ sender process --ZMQ PUSH or PUB (peaknet-result/1, results_stream.py)--> consum
 
 The sender is not tied to its parent's life (unlike the ingest processes): it ends at the
 pipe's end of file. With the parent gone and the consumer not reading, it gives up after
-`ORPHAN_GRACE_S` (the rest is counted as dropped, `closed`). SIGTERM means give up now.
+`ORPHAN_GRACE_S` (the rest is counted as dropped, `closed`). SIGUSR1 from the GPU process means
+give up now. SIGTERM and SIGINT are ignored, as in the ingest processes: a terminal or a process
+manager may signal the whole process group, and the GPU process says when its sender is done.
 """
 
 from __future__ import annotations
@@ -166,11 +168,11 @@ class ResultSender:
     def close(self, timeout: float) -> bool:
         """End of file for the sender: it sends what the pipe holds, writes its count and
         lingers up to `timeout` s for the consumer. Giving up (`timeout` 0, or the time is up)
-        means SIGTERM: the rest is dropped and counted. Idempotent; safe from another thread."""
+        means SIGUSR1: the rest is dropped and counted. Idempotent; safe from another thread."""
         process = self.process
         self._closing.set()
-        if timeout <= 0 and process is not None and process.is_alive():
-            process.terminate()  # unblocks a put waiting on a consumer that is gone
+        if timeout <= 0:
+            _give_up(process)  # unblocks a put waiting on a consumer that is gone
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -184,7 +186,7 @@ class ResultSender:
         process.join(max(0.0, timeout))
         if not process.is_alive():
             return True
-        process.terminate()  # time is up: drop the rest (counted), write the count, exit
+        _give_up(process)  # time is up: drop the rest (counted), write the count, exit
         process.join(2.0)
         if process.is_alive():
             process.kill()
@@ -216,6 +218,14 @@ class ResultSender:
     @property
     def disconnects(self) -> int:
         return int(self.counters[DISCONNECTS])
+
+
+def _give_up(process: Optional[multiprocessing.process.BaseProcess]) -> None:
+    if process is not None and process.pid is not None and process.is_alive():
+        try:
+            os.kill(process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
 
 
 class _SentTally:
@@ -270,8 +280,9 @@ def sender_main(cfg: Config, endpoint: str, conn: Connection, room: Any, counter
     import zmq
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the GPU process says when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     term = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    signal.signal(signal.SIGUSR1, lambda *_: term.set())
     configure_logging(cfg.logging)
     ctx = zmq.Context()
     guard = SocketGuard(cfg.security, ctx)
@@ -329,7 +340,7 @@ def _publish(stream: ResultStream, counters: Any, guard: Optional[SocketGuard] =
 
 def _watch(stream: ResultStream, guard: SocketGuard, counters: Any, term: threading.Event,
            finished: threading.Event, parent_pid: int) -> None:
-    """Refused peers into the shared counters; give up sending on SIGTERM, or when the
+    """Refused peers into the shared counters; give up sending on SIGUSR1, or when the
     parent is gone and the consumer has not taken the rest within ORPHAN_GRACE_S."""
     orphaned_at: Optional[float] = None
     while not finished.wait(0.2):
