@@ -11,7 +11,7 @@ counted as lost in the restart. Metrics only display `totals()`.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Optional
 
 from .runs import RunOutcome, RunTracker
@@ -19,6 +19,24 @@ from .runs import RunOutcome, RunTracker
 _SCALARS = ("received", "processed", "peaks", "hits", "control_messages", "peaks_truncated", "auth_failures",
             "peer_disconnects")
 _LABELLED = ("rejected", "sink_errors", "thread_failures", "results_dropped")
+
+
+RUNS_KEPT = 256  # per-run tallies an actor keeps (most recently updated); older runs are long settled
+
+
+def count_in_run(runs: OrderedDict, source: str, run: Any, seq: int) -> None:
+    """One more result of (source, run) in an actor's `runs` tally: [count, min seq, max seq]
+    per run, the layout of the stats' `runs` rows."""
+    key = (source, run)
+    tally = runs.get(key)
+    if tally is None:
+        runs[key] = [1, seq, seq]
+        while len(runs) > RUNS_KEPT:
+            runs.popitem(last=False)
+        return
+    runs.move_to_end(key)
+    tally[0] += 1
+    tally[1], tally[2] = min(tally[1], seq), max(tally[2], seq)
 
 
 def merge_sent(worker: Optional[dict], sent: Optional[dict]) -> Optional[dict]:

@@ -34,6 +34,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .accounting import count_in_run
 from .config import Config
 from .ingest import FrameTag, socket_endpoint
 from .ingest_process import IngestProcess, SocketSpec, default_processes, plan_sockets, tag_from_wire
@@ -50,7 +51,6 @@ from .supervision import Supervision
 
 log = get_logger("peaknet.worker")
 SAMPLES_KEPT = 100_000  # latency and batch-size samples held between two stats() calls
-RUNS_KEPT = 256  # per-run tallies kept (most recently updated); older runs are long settled
 CONTROLS_KEPT = 1024  # control events held between two stats() calls
 FRAME_REASONS = ("internal_error", "pipeline_error", "shutdown", "non_finite")  # rejections of frames already counted in
 INGEST_START_S = 60.0  # an ingest process must report its sockets open within this
@@ -113,6 +113,7 @@ class Worker:
         self._dispatch_over = threading.Event()  # the dispatch thread has handed over its last batch
         self._held_batch: Optional[tuple[list, int]] = None  # dispatch: tags of a batch being submitted
         self._held_results: Optional[list] = None  # results: tags of a batch not yet counted
+        self._shutdown_left = 0  # frames stop() counted as `shutdown` while the results thread ran on
         self.endpoints: list[str] = []
         self._children: list[IngestProcess] = []
         self._children_lock = threading.Condition()
@@ -449,21 +450,16 @@ class Worker:
         with self._stats_lock:
             if self._held_results:
                 self._held_results.pop(0)
+            if self._shutdown_left:  # counted as `shutdown` by a stop that could not wait for it
+                self._shutdown_left -= 1
+                self._rejected["shutdown"] -= 1
+                if not self._rejected["shutdown"]:
+                    del self._rejected["shutdown"]
             self._processed += 1
             self._peaks += result["n_peaks"]
             self._hits += result["hit"]
             self._latencies.append(result["latency_ms"] / 1e3)
-            key = (result["source"], result["run"])
-            seq = result["seq"]
-            tally = self._runs.get(key)
-            if tally is None:
-                tally = self._runs[key] = [0, seq, seq]
-                while len(self._runs) > RUNS_KEPT:
-                    self._runs.popitem(last=False)
-            else:
-                self._runs.move_to_end(key)
-            tally[0] += 1
-            tally[1], tally[2] = min(tally[1], seq), max(tally[2], seq)
+            count_in_run(self._runs, result["source"], result["run"], result["seq"])
 
     def _sink_error(self, sink: str, exc: BaseException) -> None:
         with self._stats_lock:
@@ -651,11 +647,16 @@ class Worker:
             still = self.supervision.join(deadline - 1.0, roles)
         self._done.set()
         self.supervision.join(deadline - 0.5, ("slots",))
-        with self._stats_lock:
-            left = self._counts()["in_flight"]
+        with self._stats_lock:  # a late result thread may still finish one: _count takes it back
+            left = self._shutdown_left = max(0, self._counts()["in_flight"])
+            if left:
+                self._rejected["shutdown"] += left
         if left > 0:
-            self._reject_frames("shutdown", left, "not finished within shutdown.timeout_s")
+            log.error("frames_rejected", reason="shutdown", frames=left, worker=self.name,
+                      detail="not finished within shutdown.timeout_s")
         self._close_sinks(deadline)
+        if left > 0:  # the sinks are closed: a late result thread's puts return at once
+            self.supervision.join(deadline - 0.2, ("results",))
         self._close_resources()
         final = self.stats()
         self._write_tally()

@@ -33,7 +33,10 @@ def assert_same_peaks(got, ref, exact: bool = True):
     bf16 convolutions are not reproducible run to run on the H200 (seen there: the same inputs
     through the same net in two runs, 3 of 256 large components of a random net differed by up
     to 3 boundary pixels, which can also reorder near-equal intensities; cuDNN picks its
-    algorithms by timing them). With exact=False, each
+    algorithms by timing them). Nor are "fp32" ones across batch sizes: torch runs them as TF32
+    by default (`torch.backends.cudnn.allow_tf32`), and a batch of another size may take another
+    algorithm (seen on the H200 with the shipped atto: one component of 31 one pixel larger,
+    a pixel's probability at the threshold). With exact=False, each
     peak must have a partner in the same panel within 1 px, for at least 98% of the peaks.
     Counts per frame stay exact."""
     assert len(got) == len(ref)

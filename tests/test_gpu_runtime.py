@@ -64,4 +64,6 @@ def test_ingest_processes_to_gpu_give_the_reference_peaks(tmp_path, preset):
                        np.asarray(by_seq[i]["peaks"]["npix"]), by_seq[i]["n_peaks"], by_seq[i]["overflow"])
             for i in range(N)]
     assert sum(f.n_peaks for f in ref) > N  # the frames have peaks to compare
-    assert_same_peaks(mine, ref)
+    # The daemon's batches are cut by arrival time, the reference's are full: a net's TF32
+    # convolutions may then differ in the last bits (assert_same_peaks says why).
+    assert_same_peaks(mine, ref, exact=preset == "classical")

@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import msgpack
 
+from ..accounting import count_in_run
 from ..config import Config, bind_endpoint
 from ..log import configure_logging, get_logger
 from ..security import SocketGuard
@@ -53,7 +54,6 @@ log = get_logger(__name__)
 START_S = 60.0  # the sender must have its socket open within this
 ORPHAN_GRACE_S = 5.0  # parent gone and the consumer not reading: give up after this
 BIND_RETRY_S = 15.0  # bind mode: the previous incarnation's sender may still hold the port
-RUNS_KEPT = 256
 # shared counters, written by the sender, read by the worker's stats()
 TAKEN, SENT, DROP_CLOSED, DROP_NO_SUBSCRIBER, DROP_HWM, AUTH_FAILURES, DISCONNECTS = range(7)
 COUNTERS = 7
@@ -167,8 +167,9 @@ class ResultSender:
 
     def close(self, timeout: float) -> bool:
         """End of file for the sender: it sends what the pipe holds, writes its count and
-        lingers up to `timeout` s for the consumer. Giving up (`timeout` 0, or the time is up)
-        means SIGUSR1: the rest is dropped and counted. Idempotent; safe from another thread."""
+        lingers up to `timeout` s for the consumer. `timeout` 0 gives up at once without waiting
+        (SIGUSR1: the rest is dropped and counted); when the time is up it gives up the same
+        way. Idempotent; safe from another thread."""
         process = self.process
         self._closing.set()
         if timeout <= 0:
@@ -183,7 +184,9 @@ class ResultSender:
                 conn.close()
         if process is None:
             return True
-        process.join(max(0.0, timeout))
+        if timeout <= 0:
+            return not process.is_alive()  # it finishes on its own; a later close() waits for it
+        process.join(timeout)
         if not process.is_alive():
             return True
         _give_up(process)  # time is up: drop the rest (counted), write the count, exit
@@ -191,7 +194,7 @@ class ResultSender:
         if process.is_alive():
             process.kill()
             process.join(1.0)
-        return timeout <= 0  # giving up was what was asked for
+        return False
 
     # read by the worker's stats()
     @property
@@ -240,16 +243,7 @@ class _SentTally:
         self.processed += 1
         self.peaks += n_peaks
         self.hits += bool(hit)
-        key = (source, run)
-        tally = self.runs.get(key)
-        if tally is None:
-            self.runs[key] = [1, seq, seq]
-            while len(self.runs) > RUNS_KEPT:
-                self.runs.popitem(last=False)
-            return
-        self.runs.move_to_end(key)
-        tally[0] += 1
-        tally[1], tally[2] = min(tally[1], seq), max(tally[2], seq)
+        count_in_run(self.runs, source, run, seq)
 
     def write(self, path: str, dropped: dict[str, int]) -> None:
         data = {"final": True, "processed": self.processed, "peaks": self.peaks, "hits": self.hits,
