@@ -35,8 +35,9 @@ def assert_same_peaks(got, ref, exact: bool = True):
     to 3 boundary pixels, which can also reorder near-equal intensities; cuDNN picks its
     algorithms by timing them). Nor are "fp32" ones across batch sizes: torch runs them as TF32
     by default (`torch.backends.cudnn.allow_tf32`), and a batch of another size may take another
-    algorithm (seen on the H200 with the shipped atto: one component of 31 one pixel larger,
-    a pixel's probability at the threshold). With exact=False, each
+    algorithm, and with `cudnn.benchmark` (the pipeline's) the algorithm is picked by timing, call
+    by call (seen on the H200 with the 2026-12-03 atto, fp32: one component in 31, and one in
+    252, a pixel larger; a pixel's probability at the threshold). With exact=False, each
     peak must have a partner in the same panel within 1 px, for at least 98% of the peaks.
     Counts per frame stay exact."""
     assert len(got) == len(ref)
@@ -97,7 +98,9 @@ def check_against_sequential(preset: str, extra: dict, buffers: int) -> None:
     assert [t for r in results for t in r.tags] == list(range(20))
     assert all(r.padded_peaks == 0 for r in results)
     assert sum(f.n_peaks for f in ref) > 20
-    assert_same_peaks([f for r in results for f in r.frames], ref, exact=extra.get("precision") != "bf16")
+    # A net's convolutions (bf16, or fp32 run as TF32) may differ in the last bits between two
+    # calls (assert_same_peaks says why); the classical finder is exact.
+    assert_same_peaks([f for r in results for f in r.frames], ref, exact=preset == "classical")
 
 
 def test_gpu_noop_pipeline_reaches_pinned_h2d_bandwidth():
