@@ -77,7 +77,7 @@ class ResultSender:
         self.endpoint = ""
         self.put_count = 0  # results whose pipe write returned
         self._lost = 0  # results a sender that died had not taken
-        self._retired: dict[str, int] = {}  # drops counted by senders that died
+        self._base = [0] * COUNTERS  # counts of senders that died (their counters start again at 0)
         self._closed_here = 0  # results put after close
         self.restarts = 0
         self._start(start_s)
@@ -155,8 +155,8 @@ class ResultSender:
                   results_lost=lost)
         if self._conn is not None:
             self._conn.close()
-        for reason, n in self.dropped.items():
-            self._retired[reason] = n
+        for col in range(COUNTERS):
+            self._base[col] += int(self.counters[col])
         self.counters[:] = [0] * COUNTERS
         self.put_count = 0
         self.restarts += 1
@@ -197,13 +197,12 @@ class ResultSender:
         return False
 
     # read by the worker's stats()
+    def _count(self, col: int) -> int:
+        return self._base[col] + int(self.counters[col])
+
     @property
     def dropped(self) -> dict[str, int]:
-        c = self.counters
-        out = dict(self._retired)
-        for reason, col in DROP_COLUMNS.items():
-            if c[col]:
-                out[reason] = out.get(reason, 0) + int(c[col])
+        out = {reason: self._count(col) for reason, col in DROP_COLUMNS.items() if self._count(col)}
         if self._closed_here:
             out["closed"] = out.get("closed", 0) + self._closed_here
         if self._lost:
@@ -212,15 +211,15 @@ class ResultSender:
 
     @property
     def sent(self) -> int:
-        return int(self.counters[SENT])
+        return self._count(SENT)
 
     @property
     def auth_failures(self) -> int:
-        return int(self.counters[AUTH_FAILURES])
+        return self._count(AUTH_FAILURES)
 
     @property
     def disconnects(self) -> int:
-        return int(self.counters[DISCONNECTS])
+        return self._count(DISCONNECTS)
 
 
 def _give_up(process: Optional[multiprocessing.process.BaseProcess]) -> None:
