@@ -130,3 +130,25 @@ def test_a_dead_sender_is_started_again_and_results_go_on():
     finally:
         sender.close(0.0)
         consumer.close()
+
+
+def test_in_bind_mode_a_new_sender_waits_for_the_port_its_predecessor_still_holds():
+    """An actor restarted in bind mode: the dead incarnation's sender may still linger on the
+    port; the new one retries the bind instead of failing the actor's start."""
+    port = free_port()
+    cfg = config_from_dict({"output": {"results_endpoint": f"tcp://127.0.0.1:{port}", "results_bind": True}})
+    first = ResultSender(cfg, 0)
+    started: list[ResultSender] = []
+    second = threading.Thread(target=lambda: started.append(ResultSender(cfg, 0)))
+    second.start()
+    try:
+        second.join(1.5)  # time to start and to find the port taken (a start takes ~0.5 s here)
+        assert not started  # it cannot be up while the port is held
+        assert first.close(5.0)
+        second.join(30)
+        assert started and started[0].endpoint == f"tcp://127.0.0.1:{port}"
+    finally:
+        first.close(0.0)
+        second.join(30)
+        for sender in started:
+            sender.close(0.0)
