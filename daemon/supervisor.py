@@ -369,16 +369,27 @@ def read_tally(tally_dir: str, index: int, incarnation: str, wait_s: float = SEN
     worker = _read_msgpack(tally_path(tally_dir, index, incarnation))
     sent_file = sent_path(tally_dir, index, incarnation)
     sent = _read_msgpack(sent_file)
-    if sent is None and (worker or {}).get("results_sender"):
+    sender = (worker or {}).get("results_sender")
+    if sent is None and sender:
         deadline = time.monotonic() + wait_s
-        while sent is None and time.monotonic() < deadline:
+        while sent is None and time.monotonic() < deadline and _running(sender):
             time.sleep(0.02)
             sent = _read_msgpack(sent_file)
+        sent = sent or _read_msgpack(sent_file)  # written just before it exited
         if sent is None:
             log.error("results_sender_count_missing", actor=index, incarnation=incarnation,
                       detail=f"no final count from the results sender within {wait_s:.0f} s; "
                              "the worker's tally is used")
     return merge_sent(worker, sent)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this node (a zombie has finished)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _read_msgpack(path: Path) -> Optional[dict]:

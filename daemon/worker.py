@@ -473,7 +473,7 @@ class Worker:
             return
         with self._stats_lock:
             data = {"index": self.index, "incarnation": self.incarnation, **self._counts(),
-                    "results_sender": "results_stream" in self._sinks,
+                    "results_sender": self._sender_pid(),
                     "runs": [[s, r, *t] for (s, r), t in self._runs.items()], "controls": list(self._controls)}
         tmp = self._tally_file.with_suffix(".tmp")
         try:
@@ -591,6 +591,12 @@ class Worker:
         with self._children_lock:
             return [process_rss_bytes(c.process.pid) if c.alive() and c.process is not None else 0
                     for c in self._children]
+
+    def _sender_pid(self) -> Optional[int]:
+        """The results sender's pid (None without one): the supervisor waits for its count
+        while it lives."""
+        process = getattr(self._sinks.get("results_stream"), "process", None)
+        return None if process is None else process.pid
 
     def _sender_rss(self) -> int:
         """Resident memory of the results sender process (0 when there is none)."""

@@ -152,3 +152,20 @@ def test_in_bind_mode_a_new_sender_waits_for_the_port_its_predecessor_still_hold
         second.join(30)
         for sender in started:
             sender.close(0.0)
+
+
+def test_the_supervisor_takes_a_dead_actors_count_from_its_sender_and_does_not_wait_for_a_dead_one(tmp_path):
+    from peaknet_daemon.supervisor import read_tally
+    from peaknet_daemon.worker import sent_path, tally_path
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = {"processed": 3, "in_flight": 2, "runs": [["k", 1, 3, 0, 2]], "results_sender": gone.pid}
+    tally_path(str(tmp_path), 0, "a").write_bytes(msgpack.packb(worker))
+    t0 = time.monotonic()
+    assert read_tally(str(tmp_path), 0, "a", wait_s=30) == worker  # its sender is gone: no count to wait for
+    assert time.monotonic() - t0 < 5
+    sent = {"final": True, "processed": 5, "peaks": 9, "hits": 1, "runs": [["k", 1, 5, 0, 4]], "results_dropped": {}}
+    sent_path(str(tmp_path), 0, "a").write_bytes(msgpack.packb(sent))
+    merged = read_tally(str(tmp_path), 0, "a")
+    assert (merged["processed"], merged["in_flight"], merged["runs"]) == (5, 0, [["k", 1, 5, 0, 4]])

@@ -59,7 +59,7 @@ def test_a_dead_incarnation_counts_what_its_results_sender_sent():
     the sender's final count (3 more) is what reached the consumer."""
     from peaknet_daemon.accounting import Accounting, merge_sent
     worker = {**stats(0, "old", [["p0", 1, 10, 0, 9]]), "received": 15, "processed": 10, "peaks": 50,
-              "hits": 4, "in_flight": 5, "results_sender": True}
+              "hits": 4, "in_flight": 5, "results_sender": 4242}
     sent = {"final": True, "processed": 13, "peaks": 60, "hits": 5, "runs": [["p0", 1, 13, 0, 12]],
             "results_dropped": {}}
     acc = Accounting(grace_s=5)
