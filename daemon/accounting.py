@@ -39,6 +39,11 @@ def count_in_run(runs: OrderedDict, source: str, run: Any, seq: int) -> None:
     tally[1], tally[2] = min(tally[1], seq), max(tally[2], seq)
 
 
+def run_rows(runs: OrderedDict) -> list[list]:
+    """An actor's `runs` tally as the stats' rows: [source, run, count, min seq, max seq]."""
+    return [[source, run, *tally] for (source, run), tally in runs.items()]
+
+
 def merge_sent(worker: Optional[dict], sent: Optional[dict]) -> Optional[dict]:
     """A dead incarnation's tally with its results sender's final count
     (sinks/results_sender.py). The sender counted every result the worker's pipe delivered,

@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .accounting import count_in_run
+from .accounting import count_in_run, run_rows
 from .config import Config
 from .ingest import FrameTag, socket_endpoint
 from .ingest_process import IngestProcess, SocketSpec, default_processes, plan_sockets, tag_from_wire
@@ -474,7 +474,7 @@ class Worker:
         with self._stats_lock:
             data = {"index": self.index, "incarnation": self.incarnation, **self._counts(),
                     "results_sender": self._sender_pid(),
-                    "runs": [[s, r, *t] for (s, r), t in self._runs.items()], "controls": list(self._controls)}
+                    "runs": run_rows(self._runs), "controls": list(self._controls)}
         tmp = self._tally_file.with_suffix(".tmp")
         try:
             with self._tally_lock:
@@ -531,11 +531,10 @@ class Worker:
                     "alive": c.alive(), "pid": c.process.pid if c.process else None, "starts": c.starts,
                     "failures": self.supervision.failures.get("ingest", 0),
                     "idle_s": round((now_ns - beat) / 1e9, 3) if beat else None}
-        sender = self._sinks.get("results_stream")
-        process = getattr(sender, "process", None)
+        sender, process = self._sender()
         if process is not None:  # started again on the next result when it died
             report["results-sender"] = {"alive": process.is_alive(), "pid": process.pid,
-                                        "starts": 1 + getattr(sender, "restarts", 0)}
+                                        "starts": 1 + sender.restarts}
         return report
 
     # ------------------------------------------------------------------ control (actor methods)
@@ -560,7 +559,7 @@ class Worker:
                 **self._counts(), "peaks": self._peaks, "hits": self._hits,
                 "sink_errors": dict(self._sink_errors),
                 "thread_failures": dict(self.supervision.failures),
-                "runs": [[s, r, *tally] for (s, r), tally in self._runs.items()], "controls": controls,
+                "runs": run_rows(self._runs), "controls": controls,
                 "controls_dropped": self._controls_dropped,
                 "batch_sizes": batch_sizes, "latencies_s": latencies,
                 "rss_bytes": process_rss_bytes(), "device_mem_bytes": self._device_memory(),
@@ -592,15 +591,21 @@ class Worker:
             return [process_rss_bytes(c.process.pid) if c.alive() and c.process is not None else 0
                     for c in self._children]
 
+    def _sender(self) -> tuple[Any, Any]:
+        """The results stream's sink (sinks/results_sender.py) and its process; (None, None)
+        without a results stream."""
+        sender = self._sinks.get("results_stream")
+        return sender, getattr(sender, "process", None)
+
     def _sender_pid(self) -> Optional[int]:
         """The results sender's pid (None without one): the supervisor waits for its count
         while it lives."""
-        process = getattr(self._sinks.get("results_stream"), "process", None)
+        process = self._sender()[1]
         return None if process is None else process.pid
 
     def _sender_rss(self) -> int:
         """Resident memory of the results sender process (0 when there is none)."""
-        process = getattr(self._sinks.get("results_stream"), "process", None)
+        process = self._sender()[1]
         return process_rss_bytes(process.pid) if process is not None and process.is_alive() else 0
 
     def _device_memory(self) -> int:

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import msgpack
 
-from ..accounting import count_in_run
+from ..accounting import count_in_run, run_rows
 from ..config import Config, bind_endpoint
 from ..log import configure_logging, get_logger
 from ..security import SocketGuard
@@ -246,7 +246,7 @@ class _SentTally:
 
     def write(self, path: str, dropped: dict[str, int]) -> None:
         data = {"final": True, "processed": self.processed, "peaks": self.peaks, "hits": self.hits,
-                "runs": [[s, r, *t] for (s, r), t in self.runs.items()], "results_dropped": dropped}
+                "runs": run_rows(self.runs), "results_dropped": dropped}
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
         os.replace(tmp, path)
