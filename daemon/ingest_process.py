@@ -4,7 +4,13 @@ Each actor runs `ingest.processes` of these, each with its share of the configur
 because one Python process tops out at ~6 GB/s of receiving and copying (DESIGN.md). A process
 polls its sockets on one thread, copies each accepted payload once into the batch slot it
 holds, and hands the slot back to the GPU process, by index, when the batch is full or
-`max_batch_delay_ms` old. Talk with the GPU process is msgpack over a pipe:
+`max_batch_delay_ms` old. A partial batch that is due waits while the device already has
+`BUSY_BATCHES` batches in flight (the ring's gauge): it could not start before those finish,
+and a partial batch costs the device as much as a full one, so sending it then would only cut
+the frames per device pass and let a queue build up (a net that takes longer than the delay
+to fill a batch at 80 % load otherwise ends with every slot queued on the device). It goes as
+soon as the device has room, and after `HOLD_MAX_S` whatever the gauge says.
+Talk with the GPU process is msgpack over a pipe:
 
     GPU process -> ingest:  ["slot", index]   a free slot to fill
                             ["stop"]          drain the sockets' queues, then finish
@@ -45,6 +51,9 @@ log = get_logger("peaknet.ingest")
 SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
 RECV_BURST = 64  # messages taken off one socket before the others get a turn
 DRAIN_IDLE_MS = 200  # stopping: the sockets' queues are empty when a poll this long finds nothing
+BUSY_BATCHES = 2  # a due partial batch waits while the device has this many batches in flight
+HOLD_MAX_S = 1.0  # ... but never longer than this after it opened
+BUSY_POLL_MS = 1  # how often a held batch looks at the gauge again
 
 
 @dataclass(frozen=True)
@@ -128,13 +137,20 @@ class _Filler:
             log.warning("frame_rejected", reason=reason, detail=detail, ingest=self.row,
                         suppressed=self._reject_log.take_suppressed(reason))
 
+    def _due(self, now: float) -> bool:
+        """The open batch should go: old enough, and the device is not busy (or it waited long)."""
+        age = now - self.opened_at
+        return age >= self.max_delay_s and (int(self.ring.in_flight[0]) < BUSY_BATCHES or age >= HOLD_MAX_S)
+
     def flush_due(self, now: float) -> None:
-        if self.slot_index is not None and now - self.opened_at >= self.max_delay_s:
+        if self.slot_index is not None and self._due(now):
             self.flush()
 
     def ms_until_due(self, now: float) -> int:
         if self.slot_index is None:
             return 50
+        if now - self.opened_at >= self.max_delay_s:  # held while the device is busy
+            return BUSY_POLL_MS
         return max(0, min(50, int((self.opened_at + self.max_delay_s - now) * 1e3) + 1))
 
     def flush(self) -> None:

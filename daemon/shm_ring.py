@@ -6,7 +6,9 @@ creates it, registers it with CUDA as pinned memory (`cudaHostRegister`), so the
 slot runs at pinned speed and asynchronously, and unlinks it on close. Ingest processes attach
 by name and copy each payload once, straight into a slot. A second, small block holds one row
 of counters per ingest process; a row outlives its process, which is how the GPU process knows
-exactly what a killed ingest process had taken off its sockets.
+exactly what a killed ingest process had taken off its sockets. After the rows comes one gauge
+the GPU process writes: the batches it has on the device (`in_flight`). An ingest process reads
+it to decide whether a partial batch should go now (see ingest_process.py).
 
 Frames never go through pickling or Ray's object store: only slot indices and frame tags cross
 between processes.
@@ -46,7 +48,7 @@ class SharedRing:
         page = 4096
         self._stride = -(-self.slot_bytes // page) * page  # each slot page-aligned
         size = max(self._stride * slots, page)
-        counters_size = rows * COLUMNS * 8
+        counters_size = (rows * COLUMNS + 1) * 8  # the rows, then the in-flight gauge
         if create:
             self._data = shared_memory.SharedMemory(name=name, create=True, size=size)
             self._counts = shared_memory.SharedMemory(name=name + "-c", create=True, size=counters_size)
@@ -61,8 +63,11 @@ class SharedRing:
             np.ndarray(self.slot_shape, dtype=np_dtype, buffer=self._data.buf, offset=i * self._stride)
             for i in range(slots)]
         self.counters = np.ndarray((rows, COLUMNS), dtype=np.int64, buffer=self._counts.buf)
+        # batches submitted to the device and not yet collected (written by the GPU process only)
+        self.in_flight = np.ndarray((1,), dtype=np.int64, buffer=self._counts.buf, offset=rows * COLUMNS * 8)
         if create:
             self.counters[:] = 0
+            self.in_flight[:] = 0
         self._pinned_ptr: int | None = None
 
     @classmethod
@@ -94,6 +99,7 @@ class SharedRing:
             torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
             self._pinned_ptr = None
         self.slots, self.counters = [], np.zeros((0, COLUMNS), dtype=np.int64)
+        self.in_flight = np.zeros(1, dtype=np.int64)
         for shm in (self._data, self._counts):
             try:
                 shm.close()

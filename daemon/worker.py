@@ -105,6 +105,7 @@ class Worker:
         self._reject_log = RateLimitedLog(cfg.ingest.reject_log_interval_s)
         self._tally_file = tally_path(tally_dir, index, self.incarnation) if tally_dir else None
         self._tally_lock = threading.Lock()  # dispatch (controls) and results (batches) both write it
+        self._gauge_lock = threading.Lock()  # dispatch and results both publish the in-flight gauge
         self._stopping = threading.Event()
         self._done = threading.Event()  # set when the result thread may finish (everything collected)
         self._monitor = HitSampler(cfg.monitor, cfg.output.hit_threshold) if cfg.monitor.enabled else None
@@ -285,6 +286,7 @@ class Worker:
             self._held_batch = (tags, index)
             self.pipeline.submit(self.pipeline.slots[index], n, tags)
             self._held_batch = None
+            self._publish_in_flight()
         elif kind == "return":
             with self._children_lock:
                 child.outstanding.discard(msg[1])
@@ -379,9 +381,17 @@ class Worker:
             self._reject_frames("pipeline_error", len(exc.tags), str(exc))
             return []
 
+    def _publish_in_flight(self) -> None:
+        """The ring's gauge, which the ingest processes read before sending a partial batch."""
+        if self.ring is not None:
+            with self._gauge_lock:  # read and write as one, so the last write is the latest count
+                self.ring.in_flight[0] = self.pipeline.in_flight()
+
     def _result_loop(self) -> None:
         while True:
             batches = self._collect(block=True)
+            if batches:
+                self._publish_in_flight()
             for batch in batches:
                 self._handle_batch(batch)
             self.supervision.progress("results")

@@ -1,5 +1,6 @@
 """Ingest: every message ends as a frame, a control event or a rejection counted by reason."""
 
+import multiprocessing
 import threading
 
 import msgpack
@@ -9,6 +10,9 @@ import zmq
 
 from peaknet_daemon.config import SocketConfig
 from peaknet_daemon.ingest import SocketReader, socket_endpoint
+from peaknet_daemon.ingest_process import BUSY_BATCHES, BUSY_POLL_MS, HOLD_MAX_S, _Filler
+from peaknet_daemon.shm_ring import SharedRing
+from peaknet_daemon.sources import FrameTag
 from peaknet_daemon.wire import encode_control, encode_frame
 
 SHAPE, DTYPE = (2, 8, 8), "float32"
@@ -160,3 +164,39 @@ def test_a_part_over_max_message_bytes_is_refused_by_zmq_unread(open_reader):
                 break
     assert deadline_frames >= 1
     assert col.rejects == []  # never received, so never a rejection: the monitor counts the drop
+
+
+def test_a_due_partial_batch_waits_while_the_device_is_busy():
+    """An ingest process sends a partial batch once it is `max_batch_delay_ms` old and the device
+    has room (the ring's in-flight gauge below BUSY_BATCHES), or once it is HOLD_MAX_S old."""
+    ring = SharedRing.create(slots=2, batch=4, frame_shape=SHAPE, dtype=DTYPE, rows=1)
+    gpu, ingest = multiprocessing.Pipe()
+    try:
+        filler = _Filler(ring, 0, ingest, max_delay_s=0.02, reject_log_s=60)
+        gpu.send_bytes(msgpack.packb(["slot", 0]))
+        filler.slot()[:] = 1.0
+        filler.commit(FrameTag("s", 0, 1, 0))
+        opened = filler.opened_at
+
+        filler.flush_due(opened + 0.01)  # not due yet
+        assert not gpu.poll()
+        ring.in_flight[0] = BUSY_BATCHES
+        filler.flush_due(opened + 0.05)  # due, but the device is busy: held, and looked at often
+        assert not gpu.poll()
+        assert filler.ms_until_due(opened + 0.05) == BUSY_POLL_MS
+        ring.in_flight[0] = BUSY_BATCHES - 1
+        filler.flush_due(opened + 0.05)  # the device has room: it goes
+        assert msgpack.unpackb(gpu.recv_bytes())[:3] == ["batch", 0, 1]
+
+        gpu.send_bytes(msgpack.packb(["slot", 1]))
+        filler.slot()[:] = 2.0
+        filler.commit(FrameTag("s", 1, 1, 0))
+        ring.in_flight[0] = 10  # a device that stays busy holds a partial batch for HOLD_MAX_S at most
+        filler.flush_due(filler.opened_at + HOLD_MAX_S - 0.01)
+        assert not gpu.poll()
+        filler.flush_due(filler.opened_at + HOLD_MAX_S)
+        assert msgpack.unpackb(gpu.recv_bytes())[:3] == ["batch", 1, 1]
+    finally:
+        gpu.close()
+        ingest.close()
+        ring.close()

@@ -88,6 +88,7 @@ def test_nan_frames_are_found_on_the_device_and_counted(running, results, frames
     s = wait_stats(worker, lambda s: s["processed"] + s["rejected"].get("non_finite", 0) == 12)
     assert sorted(r["seq"] for r in got) == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
     assert s["rejected"] == {"non_finite": 2} and balanced(s)
+    assert worker.ring.in_flight[0] == 0  # the gauge the ingest processes read follows the device
 
 
 def test_a_dispatch_fault_is_counted_and_its_batch_ends_as_internal_error(running, results, frames, monkeypatch):

@@ -24,6 +24,11 @@
 #   tools/gpu_suite.sh small_daemon  # bench_daemon peaknet-small float32 K=1,4,8 (~130 s)
 #   tools/gpu_suite.sh session_d  # the runtime's GPU tests, then peaknet-atto end to end through the
 #                                 # results sender process: uint16 K=1,4, float32 K=1,4,8 (~380 s)
+#   tools/gpu_suite.sh atto_rows  # the GPU tests, then peaknet-atto end to end, float32 (4-I/O-thread
+#                                 # producers) and uint16, K = 1, 2, 4, 8 (~560 s)
+#   tools/gpu_suite.sh small_rows # peaknet-small end to end at batch 1 and 4, K = 1, 8; ingest-only
+#                                 # float32 K = 8 with 4 and 8 ingest processes, the first under py-spy
+#                                 # when its wheel is in .whl/ (~560 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -152,6 +157,27 @@ session_d_steps() {  # one call: the runtime's GPU tests, then peaknet-atto end 
   bench_daemon_row bench_atto_f32_io4 130 --models peaknet-atto --producers 1,4,8 --frames 3000 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
 }
+atto_rows_steps() {  # one call: every GPU test, then the README's peaknet-atto rows (~560 s)
+  gpu_tests
+  bench_daemon_row atto_f32 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row atto_u16 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
+}
+small_rows_steps() {  # one call: peaknet-small's latency at batch 1 and 4, ingest-only at K = 8 (~560 s)
+  bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row small_b4 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  local spy=()  # py-spy as the bench's parent (it may trace its descendants): where the host time goes
+  [ -x /tmp/site/bin/py-spy ] && spy=(/tmp/site/bin/py-spy record --subprocesses --nonblocking --rate 50 \
+    --format raw -o "$OUT/ingest_only_k8.raw" --)
+  step ingest_k8 100 "${spy[@]}" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 \
+    --latency-seconds 3 --timeout 60 --log-dir "$OUT" --json "$OUT/ingest_k8.json" --models ingest-only \
+    --producers 8 --frames 12000 --dtype float32 --ingest-mode bind
+  bench_daemon_row ingest_k8_p8 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
+    --ingest-mode bind --ingest-processes 8
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -190,6 +216,8 @@ case ${1:-} in
   session_c) session_c_steps ;;
   small_daemon) small_daemon_steps ;;
   session_d) session_d_steps ;;
+  atto_rows) atto_rows_steps ;;
+  small_rows) small_rows_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -202,5 +230,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_c|session_d|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|small_daemon|stream2" >&2; exit 2 ;;
 esac
