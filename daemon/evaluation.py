@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -313,11 +313,12 @@ def heldout_config(shape: tuple[int, int, int], snr: tuple[float, float] = (2.0,
 
 
 def heldout_frames(shape: tuple[int, int, int], frames: int, seed: int = 12345,
-                   snr: tuple[float, float] = (2.0, 40.0), background: float = 2.0) -> list[Any]:
+                   snr: tuple[float, float] = (2.0, 40.0), background: float = 2.0,
+                   on_peak: Optional[Callable] = None) -> list[Any]:
     """Simulated frames with truth. Seeds: 12345 evaluation and tests, 777 training validation;
-    training itself draws from other streams."""
+    training itself draws from other streams. `on_peak`: see peaknet_producers.bragg.PeakObserver."""
     from peaknet_producers.bragg import BraggSimulator
 
-    sim = BraggSimulator(heldout_config(shape, snr, background), seed=seed)
+    sim = BraggSimulator(heldout_config(shape, snr, background), seed=seed, on_peak=on_peak)
     return [sim.simulate(i) for i in range(frames)]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -131,11 +132,18 @@ def expected_background(cfg: BraggConfig) -> np.ndarray:
     return out * (cfg.background_photons / out.mean())
 
 
+# Called once per true peak with its SNR, its expected signal (photons, over its window) and the
+# noise variance of those pixels without it (photons^2): what an ideal detector would know
+# (tools/ideal_bound.py). Frames do not change when an observer is set.
+PeakObserver = Callable[[float, np.ndarray, np.ndarray], None]
+
+
 class BraggSimulator:
     """Frames for one configuration and seed; `simulate(seq)` is deterministic per (seed, seq)."""
 
-    def __init__(self, cfg: BraggConfig, seed: int = 0):
+    def __init__(self, cfg: BraggConfig, seed: int = 0, on_peak: Optional[PeakObserver] = None):
         self.cfg, self.seed = cfg, int(seed)
+        self.on_peak = on_peak
         self._noise = PoissonMap(expected_background(cfg))
         self.background = self._noise.levels  # the expectation the samples follow exactly
         rng = np.random.default_rng([self.seed, 0xBAD])
@@ -207,6 +215,8 @@ class BraggSimulator:
         bg_sigma = math.sqrt(local_bg)
         expected = shape * (snr * bg_sigma / shape.max())
         counts[panel, y0:y1, x0:x1] += rng.poisson(expected)
+        if self.on_peak is not None:
+            self.on_peak(snr, expected, self.background[panel, y0:y1, x0:x1])
         win_sigma = np.sqrt(self.background[panel, y0:y1, x0:x1])
         mask[panel, y0:y1, x0:x1] |= (expected >= win_sigma) | (d2 <= sigma ** 2)
         return float(expected.sum() * self.cfg.adu_per_photon)

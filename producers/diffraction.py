@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from .bragg import SimFrame, _tile_grid
+from .bragg import PeakObserver, SimFrame, _tile_grid
 
 HC_EV_A = 12398.4198
 WATER_D_A = 3.1
@@ -208,8 +208,9 @@ def ewald_reflections(recip: np.ndarray, wavelength: float, s_max: float, tolera
 class DiffractionSimulator:
     """Frames of one DiffractionConfig; `simulate(seq)` is deterministic per (seed, seq)."""
 
-    def __init__(self, cfg: DiffractionConfig, seed: int = 0):
+    def __init__(self, cfg: DiffractionConfig, seed: int = 0, on_peak: Optional[PeakObserver] = None):
         self.cfg, self.seed = cfg, int(seed)
+        self.on_peak = on_peak  # see bragg.PeakObserver
         self.geom = geometry(cfg)
         p, h, w = cfg.shape
         rng = np.random.default_rng([self.seed, 0xD1F])
@@ -401,6 +402,8 @@ class DiffractionSimulator:
                 dest[key].append(val)
             if good:
                 cols["intensity"].append(float(sig.sum()) * cfg.adu_per_photon)
+                if self.on_peak is not None:
+                    self.on_peak(snr, sig, noise_var[panel, y0:y1, x0:x1])
                 win = np.sqrt(noise_var[panel, y0:y1, x0:x1])
                 mask[panel, y0:y1, x0:x1] |= (sig >= win) | ((u / s_rad) ** 2 + (v / sigma0) ** 2 <= 1.0)
                 placed.append((panel, y, x))
@@ -491,9 +494,9 @@ class FamilyFrames:
 
 
 def family_frames(name: str, n: int, seed: int, shape: Optional[tuple[int, int, int]] = None,
-                  frames_per_config: int = 1) -> FamilyFrames:
+                  frames_per_config: int = 1, on_peak: Optional[PeakObserver] = None) -> FamilyFrames:
     """`n` frames of family `name` ("lattice": random training-family configs; the held-out
-    family: `heldout_config`)."""
+    family: `heldout_config`); `on_peak` sees every true peak (bragg.PeakObserver)."""
     rng = np.random.default_rng([int(seed), 0xE7A1])
     out = FamilyFrames(name, [])
     sim: Optional[DiffractionSimulator] = None
@@ -505,7 +508,7 @@ def family_frames(name: str, n: int, seed: int, shape: Optional[tuple[int, int, 
                 cfg = heldout_config(shape or (2, 512, 1024))
             else:
                 raise ValueError(f"unknown family {name!r}; known: {TRAIN_FAMILY}, {HELDOUT_FAMILY}")
-            sim = DiffractionSimulator(cfg, seed=int(rng.integers(2**31)))
+            sim = DiffractionSimulator(cfg, seed=int(rng.integers(2**31)), on_peak=on_peak)
         out.frames.append(sim.simulate(i))
         out.bad.append(sim.bad)
         out.radius.append(sim.geom.radius_px)
