@@ -27,8 +27,7 @@
 #   tools/gpu_suite.sh atto_rows  # the GPU tests, then peaknet-atto end to end, float32 (4-I/O-thread
 #                                 # producers) and uint16, K = 1, 2, 4, 8 (~560 s)
 #   tools/gpu_suite.sh small_rows # peaknet-small end to end at batch 1 and 4, K = 1, 8; ingest-only
-#                                 # float32 K = 8 with 4 and 8 ingest processes, the first under py-spy
-#                                 # when its wheel is in .whl/ (~560 s)
+#                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -179,8 +178,8 @@ with lzma.open('.whl/py-spy.xz') as s, open('/tmp/site/bin/py-spy', 'wb') as d: 
   step ingest_k8 100 "${spy[@]}" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 \
     --latency-seconds 3 --timeout 60 --log-dir "$OUT" --json "$OUT/ingest_k8.json" --models ingest-only \
     --producers 8 --frames 12000 --dtype float32 --ingest-mode bind
-  bench_daemon_row ingest_k8_p8 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
-    --ingest-mode bind --ingest-processes 8
+  bench_daemon_row ingest_k8_b8 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
+    --ingest-mode bind --batch 8
 }
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
