@@ -6,6 +6,7 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
 - end-to-end frames/s and GB/s (results received over the steady window),
 - latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate,
 - host cores the daemon's process tree used in the steady window (CPU seconds / wall seconds),
+  and the cores the whole machine was busy (producers, daemon, kernel: /proc/stat),
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
 the bare net's forward rate for PeakNet (what the pipeline overlaps extraction with), the
 finder + extraction rate for the classical finder.
@@ -176,6 +177,18 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(times.get(pid, 0.0) for pid in tree)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores; Linux /proc/stat), so a row can say
+    how much of the machine the producers and the daemon took together."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def consume(pull: zmq.Socket, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
     """Receive n results; returns arrival times and reported latencies (ms)."""
     arrivals, latencies = [], []
@@ -227,13 +240,14 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             consume(pull, args.warmup * k, args.timeout)
             per = args.frames // k
             procs = producers(ports[:k], args, per, 0, capture=True)
-            cpu0, t0 = tree_cpu_seconds(daemon.pid), time.perf_counter()
+            cpu0, busy0, t0 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
             arrivals, lat = consume(pull, per * k, args.timeout)
-            cpu1, t1 = tree_cpu_seconds(daemon.pid), time.perf_counter()
+            cpu1, busy1, t1 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
             for p in procs:
                 p.wait()
             row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals),
-                   "host_cores": (cpu1 - cpu0) / (t1 - t0), "format": args.format,
+                   "host_cores": (cpu1 - cpu0) / (t1 - t0), "machine_cores": (busy1 - busy0) / (t1 - t0),
+                   "machine_cpus": os.cpu_count(), "format": args.format,
                    "compression": args.compression if args.format == "stream2" else "none", "data": args.data}
             row["gb_s"] = row["fps"] * frame_bytes(args) / 1e9  # decompressed: what the pipeline got
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
@@ -336,20 +350,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['model']:14s} K={row['producers']}{' monitor' if args.monitor else ''}  end-to-end {row['fps']:8.1f} frames/s "
                   f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
-                  f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f}", flush=True)
+                  f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f} "
+                  f"(machine {row['machine_cores']:.1f} of {row['machine_cpus']})", flush=True)
             if args.json:  # after every row, so a timeout keeps what was measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
     print(f"\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
-          f"| ratio | p50 ms @80% | p99 ms @80% | host cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| ratio | p50 ms @80% | p99 ms @80% | host cores | machine cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
         print(f"| {r['model']} | {args.dtype} | {fmt} | {r['data']} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
               f"| {r['wire_gb_s']:.2f} "
               f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['host_cores']:.1f} |")
+              f"| {r['host_cores']:.1f} | {r['machine_cores']:.1f} |")
     return 0
 
 

@@ -28,6 +28,8 @@
 #                                 # producers) and uint16, K = 1, 2, 4, 8 (~560 s)
 #   tools/gpu_suite.sh small_rows # peaknet-small end to end at batch 1 and 4, K = 1, 8; ingest-only
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
+#   tools/gpu_suite.sh idle_rule  # partial batches to an idle device only: peaknet-small batch 4 K = 1, 8
+#                                 # and batch 2 K = 1, peaknet-atto float32 K = 1, 8, ingest-only K = 8 (~400 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -181,6 +183,17 @@ with lzma.open('.whl/py-spy.xz') as s, open('/tmp/site/bin/py-spy', 'wb') as d: 
   bench_daemon_row ingest_k8_b8 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
     --ingest-mode bind --batch 8
 }
+idle_rule_steps() {  # one call: partial batches only to an idle device (BUSY_BATCHES 1): peaknet-small
+                    # at batch 4 and 2, peaknet-atto float32 K = 1, 8, ingest-only K = 8 (~400 s)
+  bench_daemon_row small_b4_idle 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row small_b2_idle 120 --models peaknet-small --producers 1 --frames 1500 --dtype float32 --batch 2 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row atto_f32_idle 100 --models peaknet-atto --producers 1,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row ingest_k8_idle 60 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
+    --ingest-mode bind
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -221,6 +234,7 @@ case ${1:-} in
   session_d) session_d_steps ;;
   atto_rows) atto_rows_steps ;;
   small_rows) small_rows_steps ;;
+  idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -233,5 +247,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|small_daemon|stream2" >&2; exit 2 ;;
 esac
