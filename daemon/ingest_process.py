@@ -4,13 +4,17 @@ Each actor runs `ingest.processes` of these, each with its share of the configur
 because one Python process tops out at ~6 GB/s of receiving and copying (DESIGN.md). A process
 polls its sockets on one thread, copies each accepted payload once into the batch slot it
 holds, and hands the slot back to the GPU process, by index, when the batch is full or
-`max_batch_delay_ms` old. A partial batch that is due goes only to an idle device: it waits
-while the GPU process has a batch in flight (the ring's gauge, `BUSY_BATCHES`). Sent to a busy
-device it could not start sooner, and it would cost a whole device pass for a few frames: with
-a net that takes longer than the delay to fill a batch, the frames per pass drop below the
-arrival rate and a queue builds on the device (peaknet-small at 80 % load on the H200: p50
-140 ms when partial batches still went behind one running batch). Sent to an idle device it
-costs nothing the device had. It goes after `HOLD_MAX_S` whatever the gauge says.
+`max_batch_delay_ms` old. A partial batch that is due waits while the device already has
+`BUSY_BATCHES` batches in flight (the ring's gauge): behind a queued batch it could not start
+sooner, and it would cost a whole device pass for a few frames, so with a net that takes longer
+than the delay to fill a batch the frames per pass would drop below the arrival rate and every
+slot would end up queued on the device. It goes after `HOLD_MAX_S` whatever the gauge says.
+Measured on the H200 (README, Runtime): peaknet-small at 80 % load, p50 receive -> result 300
+ms without the rule, 140 ms with it. Holding until the device is idle (`BUSY_BATCHES` 1) was
+worse: ingest processes that share one producer's stream all see the idle device at once and
+send their partial batches together, and the device idles between those bursts (peaknet-small
+53 frames/s instead of 142). Batching across ingest processes, in the GPU process, is the fix
+for that; it is not built.
 Talk with the GPU process is msgpack over a pipe:
 
     GPU process -> ingest:  ["slot", index]   a free slot to fill
@@ -52,7 +56,7 @@ log = get_logger("peaknet.ingest")
 SLOTS_WANTED = 2  # slots an ingest process holds: the one it fills and a spare
 RECV_BURST = 64  # messages taken off one socket before the others get a turn
 DRAIN_IDLE_MS = 200  # stopping: the sockets' queues are empty when a poll this long finds nothing
-BUSY_BATCHES = 1  # a due partial batch waits while the device has this many batches in flight
+BUSY_BATCHES = 2  # a due partial batch waits while the device has this many batches in flight
 HOLD_MAX_S = 1.0  # ... but never longer than this after it opened
 BUSY_POLL_MS = 1  # how often a held batch looks at the gauge again
 

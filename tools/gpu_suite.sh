@@ -28,8 +28,8 @@
 #                                 # producers) and uint16, K = 1, 2, 4, 8 (~560 s)
 #   tools/gpu_suite.sh small_rows # peaknet-small end to end at batch 1 and 4, K = 1, 8; ingest-only
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
-#   tools/gpu_suite.sh idle_rule  # partial batches to an idle device only: peaknet-small batch 4 K = 1, 8
-#                                 # and batch 2 K = 1, peaknet-atto float32 K = 1, 8, ingest-only K = 8 (~400 s)
+#   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
+#                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -183,8 +183,9 @@ with lzma.open('.whl/py-spy.xz') as s, open('/tmp/site/bin/py-spy', 'wb') as d: 
   bench_daemon_row ingest_k8_b8 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
     --ingest-mode bind --batch 8
 }
-idle_rule_steps() {  # one call: partial batches only to an idle device (BUSY_BATCHES 1): peaknet-small
-                    # at batch 4 and 2, peaknet-atto float32 K = 1, 8, ingest-only K = 8 (~400 s)
+idle_rule_steps() {  # one call, run with BUSY_BATCHES 1 in daemon/ingest_process.py (partial batches only to
+                    # an idle device; README: worse, reverted): peaknet-small at batch 4 and 2,
+                    # peaknet-atto float32 K = 1, 8, ingest-only K = 8 (~400 s)
   bench_daemon_row small_b4_idle 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
   bench_daemon_row small_b2_idle 120 --models peaknet-small --producers 1 --frames 1500 --dtype float32 --batch 2 \
