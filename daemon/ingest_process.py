@@ -5,16 +5,10 @@ because one Python process tops out at ~6 GB/s of receiving and copying (DESIGN.
 polls its sockets on one thread, copies each accepted payload once into the batch slot it
 holds, and hands the slot back to the GPU process, by index, when the batch is full or
 `max_batch_delay_ms` old. A partial batch that is due waits while the device already has
-`BUSY_BATCHES` batches in flight (the ring's gauge): behind a queued batch it could not start
-sooner, and it would cost a whole device pass for a few frames, so with a net that takes longer
-than the delay to fill a batch the frames per pass would drop below the arrival rate and every
-slot would end up queued on the device. It goes after `HOLD_MAX_S` whatever the gauge says.
-Measured on the H200 (README, Runtime): peaknet-small at 80 % load, p50 receive -> result 300
-ms without the rule, 140 ms with it. Holding until the device is idle (`BUSY_BATCHES` 1) was
-worse: ingest processes that share one producer's stream all see the idle device at once and
-send their partial batches together, and the device idles between those bursts (peaknet-small
-53 frames/s instead of 142). Batching across ingest processes, in the GPU process, is the fix
-for that; it is not built.
+`BUSY_BATCHES` batches in flight (the ring's gauge), at most `HOLD_MAX_S`: behind a queued
+batch it could not start sooner, and it would cost a whole device pass for a few frames, so a
+net slower than the delay would fall behind and queue. (Holding until the device is idle was
+worse: processes that share a stream all flush at once. README, Runtime, has the figures.)
 Talk with the GPU process is msgpack over a pipe:
 
     GPU process -> ingest:  ["slot", index]   a free slot to fill
