@@ -35,7 +35,8 @@ import numpy as np
 SNR_EDGES: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0)
 
 
-def _label(lo: float, hi: float) -> str:
+def bin_label(lo: float, hi: float) -> str:
+    """An SNR bin's name: "<2", "3-5", ">=10"."""
     if lo == -np.inf:
         return f"<{hi:g}"
     if hi == np.inf:
@@ -212,7 +213,7 @@ class AccuracyTally:
         """Per-bin and cumulative rows, overall, and hit-finding metrics."""
         lo, hi = self._bounds[:-1], self._bounds[1:]
         idx = np.arange(len(lo))
-        bins = {_label(a, b): self._row(idx == i) for i, (a, b) in enumerate(zip(lo, hi))}
+        bins = {bin_label(a, b): self._row(idx == i) for i, (a, b) in enumerate(zip(lo, hi))}
         cumulative = {f">={e:g}": self._row(lo >= e) for e in self.edges}
         h = self.hits
         hp = h["tp"] / (h["tp"] + h["fp"]) if h["tp"] + h["fp"] else 1.0

@@ -38,7 +38,7 @@ from scipy import ndimage, special
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from peaknet_daemon.evaluation import SNR_EDGES, heldout_frames  # noqa: E402
+from peaknet_daemon.evaluation import SNR_EDGES, bin_label, heldout_frames  # noqa: E402
 
 FAMILIES = ("lattice", "heldout-jungfrau-diffuse", "bragg")
 SCAN_SIGMAS = (0.6, 0.8, 1.0, 1.3, 1.6, 2.0)
@@ -104,10 +104,9 @@ def bound(stats: PeakStats, frames: int, maxima: np.ndarray, noise_frames: int,
         bins = {}
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             sel = (snr >= lo) & (snr < hi)
-            name = f"<{hi:g}" if lo == -np.inf else f">={lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}"
             if sel.any():
                 r = float(pd[sel].mean())
-                bins[name] = {"n_true": int(sel.sum()), "recall": r, "f1": 2 * p * r / (p + r)}
+                bins[bin_label(lo, hi)] = {"n_true": int(sel.sum()), "recall": r, "f1": 2 * p * r / (p + r)}
         rows.append({"precision": p, "threshold": t, "false_per_frame": (1.0 / p - 1.0) * per_frame, "bins": bins})
     return rows
 
