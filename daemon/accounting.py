@@ -11,8 +11,12 @@ counted as lost in the restart. Metrics only display `totals()`.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any, Optional
+
+import msgpack
 
 from .runs import RunOutcome, RunTracker
 
@@ -42,6 +46,22 @@ def count_in_run(runs: OrderedDict, source: str, run: Any, seq: int) -> None:
 def run_rows(runs: OrderedDict) -> list[list]:
     """An actor's `runs` tally as the stats' rows: [source, run, count, min seq, max seq]."""
     return [[source, run, *tally] for (source, run), tally in runs.items()]
+
+
+def write_tally_file(path: str | os.PathLike, data: dict) -> None:
+    """Write a tally (msgpack) by an atomic rename, so a reader sees the old one or the new one."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
+    os.replace(tmp, path)
+
+
+def read_tally_file(path: str | os.PathLike) -> Optional[dict]:
+    """A tally written by `write_tally_file`; None when there is none or it cannot be read."""
+    try:
+        return msgpack.unpackb(Path(path).read_bytes(), raw=False)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
 
 
 def merge_sent(worker: Optional[dict], sent: Optional[dict]) -> Optional[dict]:

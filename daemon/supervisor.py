@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import msgpack
 import ray
 
-from .accounting import Accounting, merge_sent
+from .accounting import Accounting, merge_sent, read_tally_file
 from .actor import PipelineActor, actor_options
 from .config import Config
 from .gpu_health import check_gpus, check_node_task, format_table, healthy_visible_devices
@@ -366,16 +365,16 @@ def read_tally(tally_dir: str, index: int, incarnation: str, wait_s: float = SEN
     """What a dead incarnation left: its worker's tally file, merged with its results sender's
     final count (None when there is neither, e.g. on another node). The sender outlives the
     worker by the time it takes to send what the pipe held, so its count is waited for."""
-    worker = _read_msgpack(tally_path(tally_dir, index, incarnation))
+    worker = read_tally_file(tally_path(tally_dir, index, incarnation))
     sent_file = sent_path(tally_dir, index, incarnation)
-    sent = _read_msgpack(sent_file)
+    sent = read_tally_file(sent_file)
     sender = (worker or {}).get("results_sender")
     if sent is None and sender:
         deadline = time.monotonic() + wait_s
         while sent is None and time.monotonic() < deadline and _running(sender):
             time.sleep(0.02)
-            sent = _read_msgpack(sent_file)
-        sent = sent or _read_msgpack(sent_file)  # written just before it exited
+            sent = read_tally_file(sent_file)
+        sent = sent or read_tally_file(sent_file)  # written just before it exited
         if sent is None:
             log.error("results_sender_count_missing", actor=index, incarnation=incarnation,
                       detail=f"no final count from the results sender within {wait_s:.0f} s; "
@@ -391,9 +390,3 @@ def _running(pid: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
 
-
-def _read_msgpack(path: Path) -> Optional[dict]:
-    try:
-        return msgpack.unpackb(path.read_bytes(), raw=False)
-    except (OSError, ValueError, msgpack.UnpackException):
-        return None

@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .accounting import count_in_run, run_rows
+from .accounting import count_in_run, run_rows, write_tally_file
 from .config import Config
 from .ingest import FrameTag, socket_endpoint
 from .ingest_process import IngestProcess, SocketSpec, default_processes, plan_sockets, tag_from_wire
@@ -485,11 +485,9 @@ class Worker:
             data = {"index": self.index, "incarnation": self.incarnation, **self._counts(),
                     "results_sender": self._sender_pid(),
                     "runs": run_rows(self._runs), "controls": list(self._controls)}
-        tmp = self._tally_file.with_suffix(".tmp")
         try:
             with self._tally_lock:
-                tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
-                os.replace(tmp, self._tally_file)
+                write_tally_file(self._tally_file, data)
         except OSError as exc:
             self._sink_error("tally", exc)
 

@@ -35,12 +35,11 @@ import threading
 import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Optional
 
 import msgpack
 
-from ..accounting import count_in_run, run_rows
+from ..accounting import count_in_run, run_rows, write_tally_file
 from ..config import Config, bind_endpoint
 from ..log import configure_logging, get_logger
 from ..security import SocketGuard
@@ -247,9 +246,7 @@ class _SentTally:
     def write(self, path: str, dropped: dict[str, int]) -> None:
         data = {"final": True, "processed": self.processed, "peaks": self.peaks, "hits": self.hits,
                 "runs": run_rows(self.runs), "results_dropped": dropped}
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_bytes(msgpack.packb(data, use_bin_type=True))
-        os.replace(tmp, path)
+        write_tally_file(path, data)
 
 
 def _open_stream(cfg: Config, endpoint: str, ctx: Any, guard: SocketGuard) -> ResultStream:
