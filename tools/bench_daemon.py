@@ -69,7 +69,8 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
     return {
         "model": model_section(model, args.checkpoint),
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
-                     "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
+                     "max_batch_delay_ms": args.max_delay_ms, "adaptive_batching": not args.no_adaptive,
+                     "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
@@ -253,6 +254,7 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
+            row["adaptive_batching"] = not args.no_adaptive
             rate80 = 0.8 * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-delay-ms", type=float, default=20)
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="pipeline.adaptive_batching false: full passes only, partial batches wait (to compare)")
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
     p.add_argument("--compile", action="store_true", default=False)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, with --compile")
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             wire = (f"{row['format']} {row['compression']}: wire {row['wire_gb_s']:.2f} GB/s, "
                     f"{frame_bytes(args) / row['wire_bytes_per_frame']:.2f}x  ")
-            print(f"{row['model']:14s} K={row['producers']}{' monitor' if args.monitor else ''}  end-to-end {row['fps']:8.1f} frames/s "
+            mode = (" monitor" if args.monitor else "") + ("" if row["adaptive_batching"] else " full-passes")
+            print(f"{row['model']:14s} K={row['producers']}{mode}  end-to-end {row['fps']:8.1f} frames/s "
                   f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f} "
@@ -356,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
-    print(f"\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
-          f"| ratio | p50 ms @80% | p99 ms @80% | host cores | machine cores |")
+    print("\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
+          "| ratio | p50 ms @80% | p99 ms @80% | host cores | machine cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
