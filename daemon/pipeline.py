@@ -276,6 +276,21 @@ class Pipeline:
             else:
                 self._launch(entry)
 
+    def warm_up(self, rounds: int = 3) -> None:
+        """A few batches of zeros at every run size before any frame arrives: torch.compile,
+        cuDNN's algorithm search, CUDA graph recording (compile_mode reduce-overhead records
+        on the calls after the first) and the caching allocator do their first-call work here,
+        on the launcher thread that later runs the frames (cuDNN cannot search inside a graph
+        capture, so a size first seen there would fail), not on real frames."""
+        for size in self.sizes:
+            for _ in range(rounds):
+                slot = self.acquire()
+                if slot is None:
+                    return  # closed
+                slot.frames[:size] = 0
+                self.submit(slot, size, [None] * size)
+                self.drain()
+
     def _upload(self, slot: Slot, size: int) -> None:
         h2d = self._streams[0]
         with self._on_device(), stage("h2d", True), torch.cuda.stream(h2d):

@@ -82,6 +82,7 @@ def check_against_sequential(preset: str, extra: dict, buffers: int) -> None:
     with Pipeline(cfg, device=dev, finder=finder) as pipe:
         assert pipe.device.type == "cuda" and pipe.pinned_bytes > 0
         assert all(s.host_in.is_pinned() for s in pipe.slots)
+        pipe.warm_up()  # as the daemon does: every run size compiled and recorded on the launcher thread
         # The reference runs under the same cuDNN settings (the pipeline turns on cudnn.benchmark,
         # which picks the conv algorithms, hence the last bits of bf16 logits, per shape).
         ref = run_sequential(cfg, list(frames), finder=finder, device=dev)

@@ -30,10 +30,9 @@
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
-#   tools/gpu_suite.sh adaptive   # adaptive batching: the GPU tests, peaknet-small batch 4 K = 1, 8 and
-#                                 # peaknet-atto float32 K = 1, 2, 4, 8 end to end (~520 s)
-#   tools/gpu_suite.sh adaptive2  # peaknet-atto uint16 K = 1, 2, 4, 8; peaknet-small K = 1 with full passes
-#                                 # only (--no-adaptive, to compare); ingest-only float32 K = 8 (~400 s)
+#   tools/gpu_suite.sh adaptive   # adaptive batching: the GPU tests, peaknet-small batch 4 K = 1, 8 (~480 s)
+#   tools/gpu_suite.sh adaptive_atto    # peaknet-atto float32 and uint16, K = 1, 2, 4, 8 (~400 s)
+#   tools/gpu_suite.sh adaptive_ingest  # peaknet-atto uint16 K = 1, 2, 4, 8, ingest-only K = 8 (~300 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -169,18 +168,21 @@ atto_rows_steps() {  # one call: every GPU test, then the README's peaknet-atto 
   bench_daemon_row atto_u16 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead
 }
-adaptive_steps() {  # one call: adaptive batching: the GPU tests, peaknet-small and -atto end to end (~520 s)
+adaptive_steps() {  # one call: adaptive batching: the GPU tests, peaknet-small batch 4 K = 1, 8 (~480 s;
+  # the warm-up compiles and records sizes 1, 2 and 4: the bench waits up to 300 s for readiness)
   gpu_tests
-  bench_daemon_row small_b4_adaptive 200 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4
-  bench_daemon_row atto_f32_adaptive 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row small_b4_adaptive 330 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4 --timeout 300 --log-level info
 }
-adaptive2_steps() {  # one call: uint16 atto with adaptive batching, small without it (to compare), ingest-only
-  bench_daemon_row atto_u16_adaptive 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
+adaptive_atto_steps() {  # one call: peaknet-atto float32 and uint16 K = 1, 2, 4, 8 with adaptive batching (~400 s)
+  bench_daemon_row atto_f32_adaptive 200 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row atto_u16_adaptive 200 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead
-  bench_daemon_row small_b4_full 130 --models peaknet-small --producers 1 --frames 1500 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4 --no-adaptive
+}
+adaptive_ingest_steps() {  # one call: peaknet-atto uint16 K = 1, 2, 4, 8, ingest-only float32 K = 8 (~300 s)
+  bench_daemon_row atto_u16_adaptive 200 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
+    --compile --compile-mode reduce-overhead
   bench_daemon_row ingest_k8_adaptive 70 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
     --ingest-mode bind
 }
@@ -256,7 +258,8 @@ case ${1:-} in
   small_rows) small_rows_steps ;;
   idle_rule) idle_rule_steps ;;
   adaptive) adaptive_steps ;;
-  adaptive2) adaptive2_steps ;;
+  adaptive_atto) adaptive_atto_steps ;;
+  adaptive_ingest) adaptive_ingest_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -269,5 +272,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|adaptive|adaptive2|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|adaptive|adaptive_atto|adaptive_ingest|small_daemon|stream2" >&2; exit 2 ;;
 esac
