@@ -131,6 +131,14 @@ def test_a_partial_batch_runs_at_its_own_size(finders, adaptive):
     assert_same_peaks(part.frames, run_sequential(cfg, list(frames[:3]), finder=finders["classical"]))
 
 
+def test_warm_up_runs_every_size_before_any_frame(finders):
+    finder = RecordingFinder(finders["classical"])
+    with Pipeline(make_cfg("classical", buffers=2, batch=4), finder=finder) as pipe:
+        pipe.warm_up(rounds=2)
+        assert pipe.in_flight() == 0 and len(pipe._free) == 2  # every slot back
+    assert finder.seen == [n * SHAPE[0] for n in (1, 1, 2, 2, 4, 4)]
+
+
 def test_raw_dtype_converted_on_device(finders):
     """uint16 slots (half the bytes moved) give the same peaks as float32 frames of equal values."""
     frames = np.rint(frames_for("classical", 5, seed=3)).astype(np.uint16)
