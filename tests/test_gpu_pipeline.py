@@ -66,15 +66,18 @@ def test_gpu_pipeline_matches_sequential(preset, extra, buffers):
     check_against_sequential(preset, extra, buffers)
 
 
-def test_gpu_pipeline_with_cuda_graphs_matches_sequential():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gpu_pipeline_with_cuda_graphs_matches_sequential(adaptive):
     """torch.compile's CUDA graphs reuse their output buffers on every replay; the pipeline
-    (detection of k+1 enqueued before extraction of k) must still see each batch's own."""
-    check_against_sequential("peaknet-atto", GRAPHS, 3)
+    (detection of k+1 enqueued before extraction of k) must still see each batch's own. With
+    adaptive batching, the last (partial) batch runs as a graph of its own size."""
+    check_against_sequential("peaknet-atto", {**GRAPHS, "adaptive_batching": adaptive}, 3)
 
 
 def check_against_sequential(preset: str, extra: dict, buffers: int) -> None:
     cfg = make_cfg(preset, buffers=buffers, **extra)
     dev = torch.device("cuda")
+    torch._dynamo.reset()  # this test's graphs only, as in a fresh process
     torch.manual_seed(0)
     finder = build_finder(cfg.model, cfg.pipeline, dev)
     frames = synthetic_frames(20, SHAPE, seed=2)  # 7 batches, the last one partial

@@ -133,7 +133,7 @@ def test_a_partial_batch_runs_at_its_own_size(finders, adaptive):
 
 def test_warm_up_runs_every_size_before_any_frame(finders):
     finder = RecordingFinder(finders["classical"])
-    with Pipeline(make_cfg("classical", buffers=2, batch=4), finder=finder) as pipe:
+    with Pipeline(make_cfg("classical", buffers=2, batch=4, adaptive_batching=True), finder=finder) as pipe:
         pipe.warm_up(rounds=2)
         assert pipe.in_flight() == 0 and len(pipe._free) == 2  # every slot back
     assert finder.seen == [n * SHAPE[0] for n in (1, 1, 2, 2, 4, 4)]

@@ -4,7 +4,7 @@ For each model and K it starts the real daemon (`peaknet-daemon --config`, embed
 actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest processes), runs K
 `peaknet-producer random` processes as fast as they go, and measures at the results consumer:
 - end-to-end frames/s and GB/s (results received over the steady window),
-- latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate,
+- latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate (--load),
 - host cores the daemon's process tree used in the steady window (CPU seconds / wall seconds),
   and the cores the whole machine was busy (producers, daemon, kernel: /proc/stat),
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
@@ -69,7 +69,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
     return {
         "model": model_section(model, args.checkpoint),
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
-                     "max_batch_delay_ms": args.max_delay_ms, "adaptive_batching": not args.no_adaptive,
+                     "max_batch_delay_ms": args.max_delay_ms, "adaptive_batching": args.adaptive,
                      "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": args.compile_mode, "device": "auto"},
@@ -235,7 +235,7 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
         wait_ready(mport, daemon, timeout=args.timeout)
         page = PageReader(mport) if args.monitor else None
         for k in ks:
-            # warm-up (compile, allocator), then the max-rate run, then 80% of it for latency
+            # warm-up (compile, allocator), then the max-rate run, then --load (80 %) of it for latency
             for p in producers(ports[:k], args, args.warmup, 0):
                 p.wait()
             consume(pull, args.warmup * k, args.timeout)
@@ -254,14 +254,15 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
-            row["adaptive_batching"] = not args.no_adaptive
-            rate80 = 0.8 * row["fps"] / k
+            row["adaptive_batching"] = args.adaptive
+            rate80 = args.load * row["fps"] / k  # the latency run
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
             _, lat80 = consume(pull, n80 * k, args.timeout)
             for p in procs:
                 p.wait()
             row["p50_ms"], row["p99_ms"] = (float(np.percentile(lat80, q)) for q in (50, 99))
+            row["load"] = args.load
             row["p50_ms_max_rate"], row["p99_ms_max_rate"] = (float(np.percentile(lat, q)) for q in (50, 99))
             rows.append(row)
             on_row(row)
@@ -314,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-delay-ms", type=float, default=20)
-    p.add_argument("--no-adaptive", action="store_true",
-                   help="pipeline.adaptive_batching false: full passes only, partial batches wait (to compare)")
+    p.add_argument("--adaptive", action="store_true", help="pipeline.adaptive_batching on")
+    p.add_argument("--load", type=float, default=0.8, help="the latency run's rate, as a fraction of the max rate")
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
     p.add_argument("--compile", action="store_true", default=False)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, with --compile")
@@ -351,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             wire = (f"{row['format']} {row['compression']}: wire {row['wire_gb_s']:.2f} GB/s, "
                     f"{frame_bytes(args) / row['wire_bytes_per_frame']:.2f}x  ")
-            mode = (" monitor" if args.monitor else "") + ("" if row["adaptive_batching"] else " full-passes")
+            mode = (" monitor" if args.monitor else "") + (" adaptive" if row["adaptive_batching"] else "")
             print(f"{row['model']:14s} K={row['producers']}{mode}  end-to-end {row['fps']:8.1f} frames/s "
                   f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
-                  f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at 80%  "
+                  f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at {args.load:.0%}  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f} "
                   f"(machine {row['machine_cores']:.1f} of {row['machine_cpus']})", flush=True)
             if args.json:  # after every row, so a timeout keeps what was measured
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
     print("\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
-          "| ratio | p50 ms @80% | p99 ms @80% | host cores | machine cores |")
+          f"| ratio | p50 ms @{args.load:.0%} | p99 ms @{args.load:.0%} | host cores | machine cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
