@@ -111,8 +111,6 @@ class ModelConfig:
 class PipelineConfig:
     batch_size: int = _f(16, 1, 4096, doc="frames per batch")
     max_batch_delay_ms: float = _f(20.0, 0.0, 60000.0, doc="release a partial batch after this")
-    adaptive_batching: bool = _f(False, doc="a partial batch goes to an idle device at once and runs at the "
-                                           "smallest power-of-two size that holds it (false: full passes only)")
     buffers: int = _f(3, 2, 16, doc="N-way buffering: pinned slots in flight")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", doc="autocast precision of the net")
     channels_last: bool = _f(False, doc="NHWC memory layout for the net (faster on tensor cores)")

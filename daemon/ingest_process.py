@@ -6,12 +6,9 @@ polls its sockets on one thread, copies each accepted payload once into the batc
 holds, and hands the slot back to the GPU process, by index, when the batch is full or
 `max_batch_delay_ms` old. A partial batch that is due waits while the device already has
 `BUSY_BATCHES` batches in flight (the ring's gauge), at most `HOLD_MAX_S`: behind a queued
-batch it could not start sooner, and it would cost a device pass for a few frames, so a net
-slower than the delay would fall behind and queue. (Holding until the device is idle was worse:
-processes that share a stream all flush at once. README, Runtime, has the figures.) With
-`pipeline.adaptive_batching`, frames go at once when the device has nothing in flight: a
-partial batch then runs at its own size (pipeline.run_sizes), so at low rates latency is one
-small pass, and under load the device is never idle and batches fill.
+batch it could not start sooner, and it would cost a whole device pass for a few frames, so a
+net slower than the delay would fall behind and queue. (Holding until the device is idle was
+worse: processes that share a stream all flush at once. README, Runtime, has the figures.)
 Talk with the GPU process is msgpack over a pipe:
 
     GPU process -> ingest:  ["slot", index]   a free slot to fill
@@ -88,12 +85,10 @@ def tag_from_wire(item: list) -> FrameTag:
 class _Filler:
     """Copies accepted frames into the held slot; sends full or due batches to the GPU process."""
 
-    def __init__(self, ring: SharedRing, row: int, conn: Connection, max_delay_s: float, reject_log_s: float,
-                 adaptive: bool = False):
+    def __init__(self, ring: SharedRing, row: int, conn: Connection, max_delay_s: float, reject_log_s: float):
         self.ring, self.row, self.conn = ring, row, conn
         self.counters = ring.counters[row]
         self.max_delay_s = max_delay_s
-        self.adaptive = adaptive
         self.spare: list[int] = []
         self.slot_index: int | None = None
         self.tags: list[list] = []
@@ -127,7 +122,7 @@ class _Filler:
     def commit(self, tag: FrameTag) -> None:
         self.counters[FRAMES] += 1
         self.tags.append(tag_to_wire(tag))
-        if len(self.tags) == self.ring.batch or self._device_idle():
+        if len(self.tags) == self.ring.batch:
             self.flush()
 
     def control(self, event: ControlEvent) -> None:
@@ -141,16 +136,10 @@ class _Filler:
             log.warning("frame_rejected", reason=reason, detail=detail, ingest=self.row,
                         suppressed=self._reject_log.take_suppressed(reason))
 
-    def _device_idle(self) -> bool:
-        """Adaptive batching: frames are waiting and the device has nothing to do."""
-        return self.adaptive and bool(self.tags) and int(self.ring.in_flight[0]) == 0
-
     def _due(self, now: float) -> bool:
-        """The open batch should go: the device is idle (adaptive), or it is old enough and the
-        device is not busy (or it waited long)."""
+        """The open batch should go: old enough, and the device is not busy (or it waited long)."""
         age = now - self.opened_at
-        return self._device_idle() or (
-            age >= self.max_delay_s and (int(self.ring.in_flight[0]) < BUSY_BATCHES or age >= HOLD_MAX_S))
+        return age >= self.max_delay_s and (int(self.ring.in_flight[0]) < BUSY_BATCHES or age >= HOLD_MAX_S)
 
     def flush_due(self, now: float) -> None:
         if self.slot_index is not None and self._due(now):
@@ -159,8 +148,8 @@ class _Filler:
     def ms_until_due(self, now: float) -> int:
         if self.slot_index is None:
             return 50
-        if now - self.opened_at >= self.max_delay_s or (self.adaptive and self.tags):
-            return BUSY_POLL_MS  # held while the device is busy: watch the gauge
+        if now - self.opened_at >= self.max_delay_s:  # held while the device is busy
+            return BUSY_POLL_MS
         return max(0, min(50, int((self.opened_at + self.max_delay_s - now) * 1e3) + 1))
 
     def flush(self) -> None:
@@ -169,9 +158,6 @@ class _Filler:
         slot, tags = self.slot_index, self.tags
         self.slot_index, self.tags = None, []
         self.send(["batch", slot, len(tags), tags])
-        # Counted in the gauge at once, so that the other ingest processes do not all take an idle
-        # device for theirs (the GPU process soon writes the true count over it).
-        self.ring.in_flight[0] += 1
 
     def finish(self) -> None:
         """Send the open batch, give back the spare slots, say done."""
@@ -198,8 +184,7 @@ def ingest_main(cfg: Config, row: int, specs: list[SocketSpec], ring_args: tuple
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(cfg.logging)
     ring = SharedRing(*ring_args, create=False)
-    filler = _Filler(ring, row, conn, cfg.pipeline.max_batch_delay_ms / 1e3, cfg.ingest.reject_log_interval_s,
-                     cfg.pipeline.adaptive_batching)
+    filler = _Filler(ring, row, conn, cfg.pipeline.max_batch_delay_ms / 1e3, cfg.ingest.reject_log_interval_s)
     ctx = zmq.Context()
     guard = SocketGuard(cfg.security, ctx)  # CURVE, and counts of refused and dropped peers
     readers: list[SocketReader] = []

@@ -59,23 +59,10 @@ def stage(name: str, cuda: bool) -> Iterator[None]:
             torch.cuda.nvtx.range_pop()
 
 
-def run_sizes(batch_size: int, adaptive: bool) -> tuple[int, ...]:
-    """The batch sizes the finder runs at: with adaptive batching the powers of two below
-    `batch_size` and `batch_size` itself (a partial batch costs a pass of its own size, not a
-    full one), otherwise `batch_size` only (every pass is full, the rest padding)."""
-    sizes = [1 << i for i in range(batch_size.bit_length()) if (1 << i) < batch_size] if adaptive else []
-    return (*sizes, batch_size)
-
-
-def run_size(n: int, sizes: tuple[int, ...]) -> int:
-    """The smallest size in `sizes` that holds `n` frames."""
-    return next(s for s in sizes if s >= n)
-
-
 def compute_batch(finder: torch.nn.Module, raw: torch.Tensor, valid: torch.Tensor, max_peaks: int) -> PeakTensors:
     """Raw (B,P,H,W) frames on the device -> PeakTensors for the B*P panel images.
 
-    B is one of the static run sizes (`run_sizes`); `valid` (B*P,) bool marks the real images.
+    The finder always sees the full static batch; `valid` (B*P,) bool marks the real images.
     """
     return extract_batch(finder, detect_batch(finder, raw, valid, max_peaks), valid, max_peaks)
 
@@ -135,7 +122,6 @@ class Slot:
 class _InFlight:
     slot: Slot
     n: int
-    size: int  # the run size: n frames and size - n padding (run_size)
     tags: list
     submitted_at: float
     launched: threading.Event = field(default_factory=threading.Event)  # compute + D2H enqueued
@@ -168,7 +154,6 @@ class Pipeline:
             torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
         self.frame_shape: tuple[int, int, int] = tuple(pc.frame_shape)  # type: ignore[assignment]
         self.batch_size: int = pc.batch_size
-        self.sizes = run_sizes(pc.batch_size, pc.adaptive_batching)
         self.max_peaks: int = pc.max_peaks
         self.dtype = TORCH_DTYPES[pc.dtype]
         self.finder = finder if finder is not None else build_finder(cfg.model, pc, self.device)
@@ -259,10 +244,10 @@ class Pipeline:
                 if slot.state != "acquired" or self._closed:
                     raise ValueError(f"slot {slot.index} is {slot.state}; closed={self._closed}")
                 slot.state = "in_flight"
-            entry = _InFlight(slot, n, run_size(n, self.sizes), list(tags), time.perf_counter())
+            entry = _InFlight(slot, n, list(tags), time.perf_counter())
             if self.cuda:
                 try:
-                    self._upload(slot, entry.size)
+                    self._upload(slot)
                 except BaseException:
                     with self._lock:
                         slot.state = "acquired"
@@ -276,27 +261,12 @@ class Pipeline:
             else:
                 self._launch(entry)
 
-    def warm_up(self, rounds: int = 3) -> None:
-        """A few batches of zeros at every run size before any frame arrives: torch.compile,
-        cuDNN's algorithm search, CUDA graph recording (compile_mode reduce-overhead records
-        on the calls after the first) and the caching allocator do their first-call work here,
-        on the launcher thread that later runs the frames (cuDNN cannot search inside a graph
-        capture, so a size first seen there would fail), not on real frames."""
-        for size in self.sizes:
-            for _ in range(rounds):
-                slot = self.acquire()
-                if slot is None:
-                    return  # closed
-                slot.frames[:size] = 0
-                self.submit(slot, size, [None] * size)
-                self.drain()
-
-    def _upload(self, slot: Slot, size: int) -> None:
+    def _upload(self, slot: Slot) -> None:
         h2d = self._streams[0]
         with self._on_device(), stage("h2d", True), torch.cuda.stream(h2d):
             if slot.used:  # the device input is free once its previous compute has finished
                 h2d.wait_event(slot.compute_done)
-            slot.dev_in[:size].copy_(slot.host_in[:size], non_blocking=True)
+            slot.dev_in.copy_(slot.host_in, non_blocking=True)
             slot.h2d_done.record(h2d)
 
     def _launch_loop(self) -> None:
@@ -349,13 +319,12 @@ class Pipeline:
             with self._on_device(), torch.inference_mode(), stage("detect", self.cuda), self._on(comp):
                 if self.cuda:
                     comp.wait_event(slot.h2d_done)
-                panels, raw = self.frame_shape[0], slot.dev_in[:entry.size]
-                valid = self._img_index[:entry.size * panels] < entry.n * panels
+                valid = self._img_index < entry.n * self.frame_shape[0]
                 bad = None
                 if self.dtype.is_floating_point:  # NaN/Inf: checked here, on the device, not on the host
-                    bad = ~torch.isfinite(raw.view(entry.size, -1)).all(1)
-                    raw.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                detected = detect_batch(self.finder, raw, valid, self.max_peaks)
+                    bad = ~torch.isfinite(slot.dev_in.view(self.batch_size, -1)).all(1)
+                    slot.dev_in.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                detected = detect_batch(self.finder, slot.dev_in, valid, self.max_peaks)
                 if self.cuda:
                     slot.detect_done.record(comp)
             return entry, detected, valid, bad
@@ -384,14 +353,13 @@ class Pipeline:
                         d2h.wait_event(slot.compute_done)
                         for t in pt:
                             t.record_stream(d2h)  # allocated on extract, read on d2h
-                    rows = entry.size * self.frame_shape[0]
-                    slot.out_peaks[:rows].copy_(pt.peaks, non_blocking=self.cuda)
-                    slot.out_counts[:rows].copy_(pt.counts, non_blocking=self.cuda)
-                    slot.out_overflow[:rows].copy_(pt.overflow, non_blocking=self.cuda)
+                    slot.out_peaks.copy_(pt.peaks, non_blocking=self.cuda)
+                    slot.out_counts.copy_(pt.counts, non_blocking=self.cuda)
+                    slot.out_overflow.copy_(pt.overflow, non_blocking=self.cuda)
                     if bad is not None:
                         if self.cuda:
                             bad.record_stream(d2h)
-                        slot.out_bad[:entry.size].copy_(bad, non_blocking=self.cuda)
+                        slot.out_bad.copy_(bad, non_blocking=self.cuda)
                     if self.cuda:
                         slot.d2h_done.record(d2h)
                         entry.keep = (*pt, valid) if bad is None else (*pt, valid, bad)
@@ -486,8 +454,7 @@ class Pipeline:
 
     def _finish(self, head: _InFlight, keep_inputs: Optional[Callable[[FramePeaks], bool]] = None) -> BatchResult:
         with stage("collect", self.cuda):
-            rows = head.size * self.frame_shape[0]  # the rows this run wrote; the rest are stale
-            peaks, counts, overflow, bad = (a[:rows] for a in head.slot.out_np)
+            peaks, counts, overflow, bad = head.slot.out_np
             frames, padded = split_frames(peaks, counts, overflow, head.n, self.frame_shape[0])
             nonfinite = np.flatnonzero(bad[: head.n]).tolist() if self.dtype.is_floating_point else []
             inputs = None
@@ -553,15 +520,14 @@ def run_sequential(cfg: Config, frames: Iterable[np.ndarray], finder: Optional[t
     finder = finder if finder is not None else build_finder(cfg.model, pc, dev)
     p, h, w = pc.frame_shape
     np_dtype = np.dtype(pc.dtype)
-    sizes = run_sizes(pc.batch_size, pc.adaptive_batching)
+    index = torch.arange(pc.batch_size * p, device=dev)
     out: list[FramePeaks] = []
     with torch.inference_mode():
         for chunk in _batches(frames, pc.batch_size):
-            size = run_size(len(chunk), sizes)  # the pipeline's padding, so the peaks are the same
-            batch = np.zeros((size, p, h, w), dtype=np_dtype)
+            batch = np.zeros((pc.batch_size, p, h, w), dtype=np_dtype)
             batch[:len(chunk)] = np.stack(chunk)
             raw = torch.from_numpy(batch).to(dev)
-            pt = compute_batch(finder, raw, torch.arange(size * p, device=dev) < len(chunk) * p, pc.max_peaks)
+            pt = compute_batch(finder, raw, index < len(chunk) * p, pc.max_peaks)
             got, _ = split_frames(pt.peaks.cpu().numpy(), pt.counts.cpu().numpy(),
                                   pt.overflow.cpu().numpy(), len(chunk), p)
             out.extend(got)

@@ -200,34 +200,3 @@ def test_a_due_partial_batch_waits_while_the_device_is_busy():
         gpu.close()
         ingest.close()
         ring.close()
-
-
-def test_adaptive_batching_sends_a_frame_at_once_to_an_idle_device():
-    """With `pipeline.adaptive_batching`, a frame goes at once when nothing is in flight (it runs
-    as a small pass), and waits for a fuller batch while the device is busy."""
-    ring = SharedRing.create(slots=2, batch=4, frame_shape=SHAPE, dtype=DTYPE, rows=1)
-    gpu, ingest = multiprocessing.Pipe()
-    try:
-        filler = _Filler(ring, 0, ingest, max_delay_s=0.02, reject_log_s=60, adaptive=True)
-        gpu.send_bytes(msgpack.packb(["slot", 0]))
-        gpu.send_bytes(msgpack.packb(["slot", 1]))
-        ring.in_flight[0] = 0
-        filler.slot()[:] = 1.0
-        filler.commit(FrameTag("s", 0, 1, 0))  # idle device: sent with the commit
-        assert msgpack.unpackb(gpu.recv_bytes())[:3] == ["batch", 0, 1]
-        assert ring.in_flight[0] == 1  # counted at once: other ingest processes see a busy device
-
-        ring.in_flight[0] = 1  # busy: the next frames wait, and the gauge is watched every poll
-        for seq in (1, 2):
-            filler.slot()[:] = 2.0
-            filler.commit(FrameTag("s", seq, 1, 0))
-        filler.flush_due(filler.opened_at + 0.001)
-        assert not gpu.poll()
-        assert filler.ms_until_due(filler.opened_at + 0.001) == BUSY_POLL_MS
-        ring.in_flight[0] = 0  # the device went idle before the delay was up: they go now
-        filler.flush_due(filler.opened_at + 0.001)
-        assert msgpack.unpackb(gpu.recv_bytes())[:3] == ["batch", 1, 2]
-    finally:
-        gpu.close()
-        ingest.close()
-        ring.close()

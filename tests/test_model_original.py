@@ -218,7 +218,6 @@ def test_original_compiles_and_replays_as_a_cuda_graph(name: str) -> None:
     net = build_net(model_cfg(name))
     net.load_state_dict(state(name))
     net = net.cuda().eval()
-    torch._dynamo.reset()  # this test's graphs only (earlier tests compiled and recorded others)
     compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
     x, expected = batch(name)
     x = x.cuda()

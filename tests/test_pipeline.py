@@ -95,50 +95,6 @@ def test_padding_never_produces_peaks(finders):
     np.testing.assert_array_equal(part.frames[0].as_array(), full.frames[0].as_array())
 
 
-class RecordingFinder(torch.nn.Module):
-    """A finder that remembers how many images each pass saw."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner, self.seen = inner, []
-        self.min_pixels, self.max_pixels = inner.min_pixels, inner.max_pixels
-
-    def forward(self, images: torch.Tensor):
-        self.seen.append(images.shape[0])
-        return self.inner(images)
-
-
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_a_partial_batch_runs_at_its_own_size(finders, adaptive):
-    """Adaptive batching: n frames run as the smallest power-of-two batch that holds them (a frame
-    alone costs a pass of one), and the rows a larger earlier run left in the slot are not read."""
-    cfg = make_cfg("classical", buffers=2, batch=8, adaptive_batching=adaptive)
-    frames = frames_for("classical", 8, seed=5)
-    finder = RecordingFinder(finders["classical"])
-    with Pipeline(cfg, finder=finder) as pipe:
-        assert pipe.sizes == ((1, 2, 4, 8) if adaptive else (8,))
-        results = run_pipeline(pipe, frames, sizes=[8])
-        (full,) = results
-        assert all(f.n_peaks > 0 for f in full.frames)  # stale rows would count as padding peaks
-        slot = pipe.acquire()
-        slot.frames[:] = frames
-        pipe.submit(slot, 3, ["a", "b", "c"])
-        (part,) = pipe.drain()
-    panels = SHAPE[0]
-    assert finder.seen == [8 * panels, (4 if adaptive else 8) * panels]
-    assert part.tags == ["a", "b", "c"] and part.padded_peaks == 0
-    assert_same_peaks(part.frames, full.frames[:3])
-    assert_same_peaks(part.frames, run_sequential(cfg, list(frames[:3]), finder=finders["classical"]))
-
-
-def test_warm_up_runs_every_size_before_any_frame(finders):
-    finder = RecordingFinder(finders["classical"])
-    with Pipeline(make_cfg("classical", buffers=2, batch=4, adaptive_batching=True), finder=finder) as pipe:
-        pipe.warm_up(rounds=2)
-        assert pipe.in_flight() == 0 and len(pipe._free) == 2  # every slot back
-    assert finder.seen == [n * SHAPE[0] for n in (1, 1, 2, 2, 4, 4)]
-
-
 def test_raw_dtype_converted_on_device(finders):
     """uint16 slots (half the bytes moved) give the same peaks as float32 frames of equal values."""
     frames = np.rint(frames_for("classical", 5, seed=3)).astype(np.uint16)

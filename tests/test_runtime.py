@@ -137,8 +137,7 @@ def test_a_cxi_writer_fault_is_a_sink_error_and_the_writer_restarts(running, res
 
 
 def test_a_killed_ingest_process_is_counted_and_started_again(running, results, frames):
-    # frames wait in the open batch (not sent at once to the idle device)
-    worker, pusher = running(pipeline={"max_batch_delay_ms": 60000, "adaptive_batching": False})
+    worker, pusher = running(pipeline={"max_batch_delay_ms": 60000})  # frames wait in the open batch
     first = worker.stats()["workers"]["ingest-0"]["pid"]
     pusher.send(frames[:2])
     wait_stats(worker, lambda s: s["frames_in"] == 2)

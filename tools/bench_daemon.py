@@ -69,8 +69,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
     return {
         "model": model_section(model, args.checkpoint),
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
-                     "max_batch_delay_ms": args.max_delay_ms, "adaptive_batching": args.adaptive,
-                     "buffers": 3, "precision": args.precision,
+                     "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
@@ -254,8 +253,7 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
-            row["adaptive_batching"] = args.adaptive
-            rate80 = args.load * row["fps"] / k  # the latency run
+            rate80 = args.load * row["fps"] / k
             n80 = max(int(rate80 * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n80, rate80)
             _, lat80 = consume(pull, n80 * k, args.timeout)
@@ -315,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-delay-ms", type=float, default=20)
-    p.add_argument("--adaptive", action="store_true", help="pipeline.adaptive_batching on")
     p.add_argument("--load", type=float, default=0.8, help="the latency run's rate, as a fraction of the max rate")
     p.add_argument("--precision", default="bf16" if gpu else "fp32")
     p.add_argument("--compile", action="store_true", default=False)
@@ -352,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             wire = (f"{row['format']} {row['compression']}: wire {row['wire_gb_s']:.2f} GB/s, "
                     f"{frame_bytes(args) / row['wire_bytes_per_frame']:.2f}x  ")
-            mode = (" monitor" if args.monitor else "") + (" adaptive" if row["adaptive_batching"] else "")
-            print(f"{row['model']:14s} K={row['producers']}{mode}  end-to-end {row['fps']:8.1f} frames/s "
+            print(f"{row['model']:14s} K={row['producers']}{' monitor' if args.monitor else ''}  end-to-end {row['fps']:8.1f} frames/s "
                   f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at {args.load:.0%}  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f} "

@@ -30,10 +30,6 @@
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
-#   tools/gpu_suite.sh adaptive   # the GPU tests, then peaknet-small batch 4 K = 1 at 30 % of its max rate,
-#                                 # with and without pipeline.adaptive_batching (~450 s)
-#   tools/gpu_suite.sh adaptive_rows  # peaknet-small batch 4 K = 1, 8 and peaknet-atto float32 K = 1, 2, 4, 8,
-#                                 # adaptive batching on, latency at 80 % (~560 s)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
 #                                 # Stream V2 bslz4, then bslz4 of Bragg frames at K=4 (~300 s); needs
 #                                 # cbor2, lz4 and dectris-compression in .whl/ (a wheel, or its sdist,
@@ -169,21 +165,6 @@ atto_rows_steps() {  # one call: every GPU test, then the README's peaknet-atto 
   bench_daemon_row atto_u16 170 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype uint16 \
     --compile --compile-mode reduce-overhead
 }
-adaptive_steps() {  # one call: the GPU tests, then peaknet-small batch 4, K = 1, latency at 30 % of the max
-  # rate with and without adaptive batching (~450 s; the adaptive warm-up compiles and records sizes
-  # 1, 2 and 4, ~100 s: the bench waits up to 300 s for readiness)
-  gpu_tests
-  bench_daemon_row small_b4_adaptive_30 170 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4 --timeout 300 --load 0.3 --adaptive
-  bench_daemon_row small_b4_full_30 110 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4 --load 0.3
-}
-adaptive_rows_steps() {  # the rows measured with adaptive batching on (~560 s in all; were run in two calls)
-  bench_daemon_row small_b4_adaptive 330 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4 --timeout 300 --adaptive
-  bench_daemon_row atto_f32_adaptive 200 --models peaknet-atto --producers 1,2,4,8 --frames 3000 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4 --adaptive
-}
 small_rows_steps() {  # one call: peaknet-small's latency at batch 1 and 4, ingest-only at K = 8 (~560 s)
   bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -255,8 +236,6 @@ case ${1:-} in
   atto_rows) atto_rows_steps ;;
   small_rows) small_rows_steps ;;
   idle_rule) idle_rule_steps ;;
-  adaptive) adaptive_steps ;;
-  adaptive_rows) adaptive_rows_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -269,5 +248,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|adaptive|adaptive_rows|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|small_daemon|stream2" >&2; exit 2 ;;
 esac

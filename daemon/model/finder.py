@@ -158,11 +158,7 @@ def build_finder(model_cfg: ModelConfig, pipeline_cfg: PipelineConfig, device: t
     if pipeline_cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if pipeline_cfg.compile:
-        # Static shapes: one graph per run size (pipeline.run_sizes: at most bit_length + 1 of
-        # them), not a slower dynamic one, and room in dynamo's cache for all of them.
-        limit = pipeline_cfg.batch_size.bit_length() + 1
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-        net = torch.compile(net, mode=pipeline_cfg.compile_mode, dynamic=False)
+        net = torch.compile(net, mode=pipeline_cfg.compile_mode)
     finder = PeakNetFinder(net, model_cfg.num_classes, model_cfg.threshold,
                            autocast_dtype(pipeline_cfg.precision, device), pipeline_cfg.channels_last,
                            pipeline_cfg.min_pixels, pipeline_cfg.max_pixels, model_cfg.normalisation,
