@@ -389,4 +389,3 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, ValueError, IndexError):
         return False
-

@@ -253,13 +253,13 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
-            rate80 = args.load * row["fps"] / k
-            n80 = max(int(rate80 * args.latency_seconds), 20)
-            procs = producers(ports[:k], args, n80, rate80)
-            _, lat80 = consume(pull, n80 * k, args.timeout)
+            rate_at_load = args.load * row["fps"] / k
+            n_at_load = max(int(rate_at_load * args.latency_seconds), 20)
+            procs = producers(ports[:k], args, n_at_load, rate_at_load)
+            _, lat_at_load = consume(pull, n_at_load * k, args.timeout)
             for p in procs:
                 p.wait()
-            row["p50_ms"], row["p99_ms"] = (float(np.percentile(lat80, q)) for q in (50, 99))
+            row["p50_ms"], row["p99_ms"] = (float(np.percentile(lat_at_load, q)) for q in (50, 99))
             row["load"] = args.load
             row["p50_ms_max_rate"], row["p99_ms_max_rate"] = (float(np.percentile(lat, q)) for q in (50, 99))
             rows.append(row)
