@@ -227,3 +227,29 @@ def test_profile_experiments_runs_on_cpu(tmp_path):
         assert r["frames_per_s"] > 0 and Path(r["trace"]).stat().st_size > 0
         assert "extract" in Path(r["summary"]).read_text()  # the stage labels reach the profiler
     assert "three-slots" in (out / "summary.txt").read_text()
+
+
+def test_profile_timeline_reads_device_busy_and_gaps_from_a_trace():
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "profile_experiments.py"
+    spec = importlib.util.spec_from_file_location("profile_experiments", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def ev(cat, ts, dur, name="k", stream=7):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    # Device: 0-100 and 50-150 overlap (busy 150), idle 150-400, busy 400-500: 250 of 500 us.
+    trace = {"traceEvents": [ev("kernel", 0, 100), ev("kernel", 50, 100, stream=9), ev("gpu_memcpy", 400, 100),
+                             ev("user_annotation", 0, 30, name="extract"),
+                             ev("user_annotation", 60, 30, name="extract"),
+                             ev("cuda_runtime", 10, 5, name="cudaGraphLaunch")]}
+    t = mod.gpu_timeline(trace)
+    assert t["window_ms"] == 0.5 and t["busy_ms"] == 0.25 and t["busy_fraction"] == 0.5
+    assert t["gaps_over_50us"] == 1 and t["longest_gap_ms"] == 0.25
+    assert t["streams"]["kernel@stream9"] == {"events": 1, "ms": 0.1}
+    assert t["host"]["user_annotation:extract"] == {"calls": 2, "ms": 0.06}
+    assert "busy 0.2 of 0.5 ms (0.500)" in mod.format_timeline(t)
+    assert mod.format_timeline(mod.gpu_timeline({"traceEvents": []})).startswith("device timeline: no device")

@@ -28,6 +28,8 @@
 #                                 # producers) and uint16, K = 1, 2, 4, 8 (~560 s)
 #   tools/gpu_suite.sh small_rows # peaknet-small end to end at batch 1 and 4, K = 1, 8; ingest-only
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
+#   tools/gpu_suite.sh batch1     # peaknet-small at batch 1: bare net vs pipeline, the pipeline's device
+#                                 # timeline (torch.profiler), the daemon's threads under py-spy (~420 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -195,6 +197,30 @@ idle_rule_steps() {  # one call, run with BUSY_BATCHES 1 in daemon/ingest_proces
   bench_daemon_row ingest_k8_idle 60 --models ingest-only --producers 8 --frames 12000 --dtype float32 \
     --ingest-mode bind
 }
+spy_setup() {  # py-spy from .whl/py-spy.xz (its binary xz-compressed: 2 MB instead of 2.9, for the carry limit)
+  [ -f .whl/py-spy.xz ] && [ ! -x /tmp/site/bin/py-spy ] && mkdir -p /tmp/site/bin && python3 -c "import lzma, shutil
+with lzma.open('.whl/py-spy.xz') as s, open('/tmp/site/bin/py-spy', 'wb') as d: shutil.copyfileobj(s, d)" \
+    && chmod +x /tmp/site/bin/py-spy
+  [ -x /tmp/site/bin/py-spy ]
+}
+batch1_steps() {  # one call: why peaknet-small at batch 1 reaches 0.78 of its bare net end to end (~420 s):
+                  # bare net vs pipeline at batch 1, the pipeline's device timeline, the daemon's threads
+  step small_b1_pipeline 120 python3 tools/bench_pipeline.py --models peaknet-small --batch 1 --seconds 3 \
+    --skip-naive --json "$OUT/small_b1_pipeline.json"
+  step small_b1_profile 120 python3 tools/profile_experiments.py --only small-bf16-compiled --backend torch \
+    --set pipeline.batch_size=1 --seconds 3 --out "$OUT/profile_b1"
+  head -n 30 "$OUT/profile_b1/small-bf16-compiled/summary.txt"
+  rm -f "$OUT/profile_b1/small-bf16-compiled/trace.json"  # tens of MB; the summary has what it says
+  local spy=()
+  spy_setup && spy=(/tmp/site/bin/py-spy record --subprocesses --threads --idle --nonblocking --rate 50 \
+    --format raw -o "$OUT/small_b1.raw" --)
+  step small_b1_daemon 170 "${spy[@]}" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 \
+    --latency-seconds 3 --timeout 120 --log-dir "$OUT" --json "$OUT/small_b1_daemon.json" --models peaknet-small \
+    --producers 1 --frames 1500 --dtype float32 --batch 1 --compile --compile-mode reduce-overhead \
+    --producer-io-threads 4
+  [ -f "$OUT/small_b1.raw" ] && python3 tools/spy_summary.py "$OUT/small_b1.raw" --top 8 --depth 3 \
+    > "$OUT/small_b1_spy.txt" && head -n 120 "$OUT/small_b1_spy.txt"
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -235,6 +261,7 @@ case ${1:-} in
   session_d) session_d_steps ;;
   atto_rows) atto_rows_steps ;;
   small_rows) small_rows_steps ;;
+  batch1) batch1_steps ;;
   idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;

@@ -115,9 +115,67 @@ def run_torch_profiler(cfg: Config, folder: Path, args: argparse.Namespace) -> d
     prof.export_chrome_trace(str(trace))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     summary = folder / "summary.txt"
-    summary.write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-    out.update({"backend": "torch.profiler", "rc": 0, "trace": str(trace), "summary": str(summary)})
+    timeline = gpu_timeline(json.loads(trace.read_text()))
+    summary.write_text(format_timeline(timeline) + "\n\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
+    out.update({"backend": "torch.profiler", "rc": 0, "trace": str(trace), "summary": str(summary),
+                "timeline": timeline})
     return out
+
+
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_timeline(trace: dict) -> dict[str, Any]:
+    """What a Chrome trace of torch.profiler says about the device's use, so that a run can tell
+    "the device is busy all the time" (its own speed is the limit) from "the device waits for
+    the host" (launches, host waits or an empty queue are): busy fraction of the traced window,
+    device time per stream, idle gaps, and the host's time per pipeline stage and CUDA call."""
+    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict) and e.get("ph") == "X"]
+    device = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e) for e in events
+                    if e.get("cat") in DEVICE_CATS)
+    out: dict[str, Any] = {"device_events": len(device)}
+    if not device:
+        return out
+    busy, gaps, end = 0.0, [], device[0][0]
+    for start, stop, _ in device:
+        if start > end:
+            gaps.append(start - end)
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    window = end - device[0][0]
+    per_stream: dict[str, list[float]] = {}
+    for start, stop, e in device:
+        key = f"{e.get('cat')}@stream{(e.get('args') or {}).get('stream', '?')}"
+        row = per_stream.setdefault(key, [0, 0.0])
+        row[0] += 1
+        row[1] += stop - start
+    host: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") in ("user_annotation", "cuda_runtime", "cuda_driver"):
+            row = host.setdefault(f"{e['cat']}:{e.get('name')}", [0, 0.0])
+            row[0] += 1
+            row[1] += float(e.get("dur", 0))
+    out.update({
+        "window_ms": window / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / window if window else 0.0,
+        "gaps_over_50us": sum(1 for g in gaps if g > 50), "gap_ms_over_50us": sum(g for g in gaps if g > 50) / 1e3,
+        "longest_gap_ms": max(gaps, default=0.0) / 1e3,
+        "streams": {k: {"events": int(n), "ms": t / 1e3} for k, (n, t) in sorted(per_stream.items())},
+        "host": {k: {"calls": int(n), "ms": t / 1e3}
+                 for k, (n, t) in sorted(host.items(), key=lambda kv: -kv[1][1])[:25]},
+    })
+    return out
+
+
+def format_timeline(t: dict[str, Any]) -> str:
+    if not t.get("device_events"):
+        return "device timeline: no device events traced"
+    lines = [f"device busy {t['busy_ms']:.1f} of {t['window_ms']:.1f} ms ({t['busy_fraction']:.3f}); "
+             f"{t['gaps_over_50us']} idle gaps > 50 us, {t['gap_ms_over_50us']:.1f} ms in all, "
+             f"longest {t['longest_gap_ms']:.2f} ms"]
+    lines += [f"  {k:<32}{v['events']:>8} events {v['ms']:>10.1f} ms" for k, v in t["streams"].items()]
+    lines.append("host (annotations and CUDA calls, by total time):")
+    lines += [f"  {k[:60]:<60}{v['calls']:>8} calls {v['ms']:>10.1f} ms" for k, v in t["host"].items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
