@@ -4,8 +4,9 @@ One `Pipeline` owns `buffers` slots allocated once (pinning per batch exhausts p
 costs more than the copy). On CUDA, H2D, detection (the finder's pass), extraction and D2H run
 on four streams ordered by events, so while batch k computes, batch k+1 uploads and batch k-1's
 compact peaks download. Extraction waits on the host for its own stream a few times per batch
-(sizes and convergence checks), so the launcher enqueues the detection of batch k+1 before it
-walks the extraction of batch k: the net keeps the device busy while the host does that. The
+(sizes and convergence checks), so the launcher enqueues the detections of the batches already
+waiting (up to `DETECT_AHEAD`) before it walks the extraction of batch k: the net keeps the device
+busy while the host does that. The
 host never waits for the whole device. On the CPU the very same code runs synchronously, with
 no pinning and no streams.
 
@@ -31,6 +32,9 @@ from .config import Config, load_config, with_overrides
 from .model import build_finder
 from .peaks import PeakTensors, extract_peaks
 from .results import BatchResult, FramePeaks, split_frames
+
+DETECT_AHEAD = 2  # net passes the launcher enqueues beyond the batch whose extraction it walks
+_NOTHING = object()  # no batch taken off the launch queue this turn
 
 TORCH_DTYPES = {"uint16": torch.uint16, "int16": torch.int16, "int32": torch.int32,
                 "float16": torch.float16, "float32": torch.float32}
@@ -135,7 +139,7 @@ class Pipeline:
     On CUDA, `submit` enqueues the H2D on the caller's thread and hands the batch to a launcher
     thread that enqueues detection, extraction and D2H. Extraction waits on the host for its own
     stream a few times per batch; on the launcher thread those waits never hold back an upload,
-    and the next batch's detection is enqueued before them when that batch is already there.
+    and the detections of the batches already there (up to `DETECT_AHEAD`) are enqueued first.
     On the CPU the launch runs inline in `submit`, so everything is synchronous.
     """
 
@@ -270,34 +274,36 @@ class Pipeline:
             slot.h2d_done.record(h2d)
 
     def _launch_loop(self) -> None:
-        """Detection of each batch as it comes; the previous batch's extraction right after it
-        (overlapping on the device), or at once when no next batch is waiting."""
-        pending: Optional[tuple] = None
+        """Detection of each batch as it comes, up to `DETECT_AHEAD` batches ahead of the
+        extraction the launcher walks; the oldest extraction at once when no further batch is
+        waiting. A walk waits on the host for its own stream, and under load (kernels of the
+        next net passes sharing the SMs, other threads wanting the GIL) it can take longer than
+        one net pass: with passes queued ahead the device still never waits for it."""
+        pending: deque[tuple] = deque()  # (entry, detected, valid, bad), detection enqueued
         held = self._launch_held
         while True:
-            if pending is None:
-                entry = self._launch_q.get()
-            else:
+            entry: Any = _NOTHING
+            if len(pending) <= DETECT_AHEAD:
                 try:
-                    entry = self._launch_q.get_nowait()
+                    entry = self._launch_q.get(block=not pending)
                 except queue.Empty:
-                    self._extract(*pending)
-                    held.clear()
-                    pending = None
-                    continue
-            if entry is None:
-                if pending is not None:
-                    self._extract(*pending)
+                    pass
+            if entry is None:  # close(): finish what was detected
+                while pending:
+                    self._extract(*pending.popleft())
                 held.clear()
                 return
-            held.append(entry)
-            detected = self._detect(entry)
-            if pending is not None:
-                self._extract(*pending)
-                held.pop(0)
-            pending = detected
-            if pending is None:
-                held.remove(entry)
+            if entry is not _NOTHING:
+                held.append(entry)
+                detected = self._detect(entry)
+                if detected is None:
+                    held.remove(entry)
+                else:
+                    pending.append(detected)
+                continue  # another batch waiting? its detection goes first
+            oldest = pending.popleft()
+            self._extract(*oldest)
+            held.remove(oldest[0])
 
     def _launcher_failed(self, exc: BaseException) -> None:
         """The launcher thread died: the batches it held fail (collect raises BatchFailed)."""

@@ -253,3 +253,39 @@ def test_profile_timeline_reads_device_busy_and_gaps_from_a_trace():
     assert t["host"]["user_annotation:extract"] == {"calls": 2, "ms": 0.06}
     assert "busy 0.2 of 0.5 ms (0.500)" in mod.format_timeline(t)
     assert mod.format_timeline(mod.gpu_timeline({"traceEvents": []})).startswith("device timeline: no device")
+
+
+def test_the_launcher_enqueues_waiting_batches_net_passes_before_it_walks_an_extraction(finders):
+    """The launcher's order (CUDA only, so its loop is driven here by hand with recording stand-ins
+    for the two launch steps): batches already waiting get their net pass first, up to
+    DETECT_AHEAD beyond the extraction walked next; a lone batch is extracted at once."""
+    from peaknet_daemon import pipeline as pl
+
+    with Pipeline(make_cfg("classical"), finder=finders["classical"]) as pipe:
+        calls: list[tuple[str, int]] = []
+        pipe._detect = lambda entry: calls.append(("detect", entry)) or (entry, None, None, None)
+        pipe._extract = lambda entry, *rest: calls.append(("extract", entry))
+        for k in range(5):  # five batches waiting at once, then the stop
+            pipe._launch_q.put(k)
+        pipe._launch_q.put(None)
+        pipe._launch_loop()
+        ahead = pl.DETECT_AHEAD
+        assert calls[:ahead + 2] == [("detect", k) for k in range(ahead + 1)] + [("extract", 0)]
+        assert [e for step, e in calls if step == "extract"] == list(range(5))
+        for k in range(5):  # never more than DETECT_AHEAD + 1 net passes without their extraction
+            assert calls.index(("detect", k)) < calls.index(("extract", k))
+            done = sum(1 for step, e in calls[:calls.index(("detect", k))] if step == "extract")
+            assert k - done <= ahead
+        assert not pipe._launch_held
+
+        calls.clear()  # one batch at a time: each is extracted before the launcher waits again
+        worker = threading.Thread(target=pipe._launch_loop)
+        worker.start()
+        for k in range(3):
+            seen = threading.Event()
+            pipe._extract = lambda entry, *rest, seen=seen: (calls.append(("extract", entry)), seen.set())
+            pipe._launch_q.put(k)
+            assert seen.wait(5.0)
+        pipe._launch_q.put(None)
+        worker.join(5.0)
+        assert calls == [(step, k) for k in range(3) for step in ("detect", "extract")]

@@ -15,7 +15,7 @@ def load_tool():
 
 def test_shares_are_per_thread_and_name_the_innermost_frames():
     tool = load_tool()
-    gpu = 'process 11:"/usr/bin/python3 -m ray.worker --flag"'
+    gpu = 'process 1:"python3 bench.py";process 11:"/usr/bin/python3 -m ray.worker --flag"'  # child of 1
     lines = [
         f"{gpu};thread (12): launcher;Thread.run (/x/threading.py:982);_launch_loop (/d/pipeline.py:270) 30",
         f"{gpu};thread (12): launcher;Thread.run (/x/threading.py:982);_launch_loop (/d/pipeline.py:276);"

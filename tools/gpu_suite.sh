@@ -30,6 +30,8 @@
 #                                 # float32 K = 8 at batch 4 (under py-spy when .whl/ has it) and 8 (~560 s)
 #   tools/gpu_suite.sh batch1     # peaknet-small at batch 1: bare net vs pipeline, the pipeline's device
 #                                 # timeline (torch.profiler), the daemon's threads under py-spy (~420 s)
+#   tools/gpu_suite.sh batch1b    # after DETECT_AHEAD: GPU tests, peaknet-small batch 1 K = 1 (plain, then
+#                                 # its GPU process under py-spy --native), peaknet-atto float32 K = 1, 8 (~540 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -173,11 +175,7 @@ small_rows_steps() {  # one call: peaknet-small's latency at batch 1 and 4, inge
   bench_daemon_row small_b4 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
   local spy=()  # py-spy as the bench's parent (it may trace its descendants): where the host time goes.
-  # Its wheel or its binary xz-compressed (.whl/py-spy.xz: 2 MB instead of 2.9, for the carry limit).
-  [ -f .whl/py-spy.xz ] && mkdir -p /tmp/site/bin && python3 -c "import lzma, shutil, sys
-with lzma.open('.whl/py-spy.xz') as s, open('/tmp/site/bin/py-spy', 'wb') as d: shutil.copyfileobj(s, d)" \
-    && chmod +x /tmp/site/bin/py-spy
-  [ -x /tmp/site/bin/py-spy ] && spy=(/tmp/site/bin/py-spy record --subprocesses --nonblocking --rate 50 \
+  spy_setup && spy=(/tmp/site/bin/py-spy record --subprocesses --nonblocking --rate 50 \
     --format raw -o "$OUT/ingest_only_k8.raw" --)
   step ingest_k8 100 "${spy[@]}" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 \
     --latency-seconds 3 --timeout 60 --log-dir "$OUT" --json "$OUT/ingest_k8.json" --models ingest-only \
@@ -221,6 +219,36 @@ batch1_steps() {  # one call: why peaknet-small at batch 1 reaches 0.78 of its b
   [ -f "$OUT/small_b1.raw" ] && python3 tools/spy_summary.py "$OUT/small_b1.raw" --top 8 --depth 3 \
     > "$OUT/small_b1_spy.txt" && head -n 120 "$OUT/small_b1_spy.txt"
 }
+spy_actor() {  # name, limit in s, bench_daemon args...: the bench in the background, and its GPU process
+              # (the Ray actor) under py-spy with native frames, so that waits for the GIL show as such
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s, the actor under py-spy --native)"
+  timeout -k 15 "$limit" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 --latency-seconds 3 \
+    --timeout 120 --log-dir "$OUT" --json "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1 &
+  local bench=$! pid=""
+  for _ in $(seq 1 300); do pid=$(pgrep -f "^ray::PipelineActor" | head -n 1); [ -n "$pid" ] && break; sleep 0.5; done
+  if [ -n "$pid" ] && spy_setup; then
+    timeout -s INT "$limit" /tmp/site/bin/py-spy record --pid "$pid" --native --threads --idle --rate 20 \
+      --format raw -o "$OUT/$name.raw" > "$OUT/$name.spy.log" 2>&1
+  fi
+  wait "$bench"; echo "=== $name rc=$? (actor ${pid:-not found})"; tail -n 4 "$OUT/$name.txt"
+  [ -f "$OUT/$name.raw" ] && python3 tools/spy_summary.py "$OUT/$name.raw" --top 10 --depth 6 --min-share 0.01 \
+    > "$OUT/$name.spy.txt" && head -n 150 "$OUT/$name.spy.txt"
+  [ -f "$OUT/$name.raw" ] && python3 -c "import lzma, shutil, sys, os
+with open(sys.argv[1], 'rb') as s, lzma.open(sys.argv[1] + '.xz', 'wb') as d: shutil.copyfileobj(s, d)
+os.remove(sys.argv[1])" "$OUT/$name.raw"
+}
+batch1b_steps() {  # one call, after DETECT_AHEAD and fewer extraction kernels (~540 s): the GPU tests,
+                   # peaknet-small batch 1 K = 1 end to end, the same with the actor under py-spy --native,
+                   # peaknet-atto float32 K = 1, 8 (no regression)
+  gpu_tests
+  bench_daemon_row small_b1 130 --models peaknet-small --producers 1 --frames 1500 --dtype float32 --batch 1 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  spy_actor small_b1_spy 150 --models peaknet-small --producers 1 --frames 1500 --dtype float32 --batch 1 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row atto_f32 110 --models peaknet-atto --producers 1,8 --frames 3000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -262,6 +290,7 @@ case ${1:-} in
   atto_rows) atto_rows_steps ;;
   small_rows) small_rows_steps ;;
   batch1) batch1_steps ;;
+  batch1b) batch1b_steps ;;
   idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;

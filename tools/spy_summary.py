@@ -46,7 +46,7 @@ def summarise(lines: list[str], depth: int = 2) -> dict[tuple[str, str], Counter
             continue
         frames = m["stack"].split(";")
         process, thread = "?", "?"
-        if frames and (p := _PROCESS.match(frames[0])):
+        while frames and (p := _PROCESS.match(frames[0])):  # --subprocesses: parent, ..., the process
             process = f"{p['pid']} {_short(p['cmd'])}"
             frames = frames[1:]
         if frames and (t := _THREAD.match(frames[0])):
