@@ -32,6 +32,8 @@
 #                                 # timeline (torch.profiler), the daemon's threads under py-spy (~420 s)
 #   tools/gpu_suite.sh batch1b    # after DETECT_AHEAD: GPU tests, peaknet-small batch 1 K = 1 (plain, then
 #                                 # its GPU process under py-spy --native), peaknet-atto float32 K = 1, 8 (~540 s)
+#   tools/gpu_suite.sh batch1c    # every GPU test (with durations), peaknet-small batch 1 K = 1, 8 and
+#                                 # batch 4 K = 1 end to end (~560 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -249,6 +251,16 @@ batch1b_steps() {  # one call, after DETECT_AHEAD and fewer extraction kernels (
   bench_daemon_row atto_f32 110 --models peaknet-atto --producers 1,8 --frames 3000 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
 }
+batch1c_steps() {  # one call: every GPU test (a longer limit, with durations), then peaknet-small
+                   # batch 1 K = 1, 8 and batch 4 K = 1 end to end (~560 s)
+  step gpu_tests 270 python3 -m pytest -q -m gpu -rfE --tb=short --durations=12 -p no:cacheprovider \
+    tests/test_gpu_runtime.py tests/test_gpu_pipeline.py tests/test_model_original.py
+  bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row small_b4 110 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -291,6 +303,7 @@ case ${1:-} in
   small_rows) small_rows_steps ;;
   batch1) batch1_steps ;;
   batch1b) batch1b_steps ;;
+  batch1c) batch1c_steps ;;
   idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
