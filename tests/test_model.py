@@ -205,3 +205,21 @@ def test_model_config_defaults_are_atto() -> None:
                                                          PRESETS["peaknet-atto"]["backbone_hidden_sizes"])
     assert m.normalisation == "instance"  # what the shipped weights were trained with
     assert PipelineConfig().min_pixels >= 1
+
+
+def test_a_net_without_checkpoint_is_the_same_draw_in_every_process_and_leaves_the_rng_alone():
+    """Benchmarks run random-weight nets; what such a net marks (and extraction costs) depends
+    on the draw, so every build must draw the same weights, whatever the caller's random state."""
+    from peaknet_daemon.config import config_from_dict
+    from peaknet_daemon.model.finder import build_peaknet
+
+    model = config_from_dict({"model": {"preset": "peaknet-atto", "checkpoint": ""}}).model
+    torch.manual_seed(123)
+    first = build_peaknet(model).state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(456)
+    second = build_peaknet(model).state_dict()
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the caller's random sequence went on undisturbed
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from typing import Optional
 from pathlib import Path
 
 import msgpack
@@ -189,8 +190,10 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def consume(pull: zmq.Socket, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
-    """Receive n results; returns arrival times and reported latencies (ms)."""
+def consume(pull: zmq.Socket, n: int, timeout_s: float,
+            peaks: Optional[list[int]] = None) -> tuple[list[float], list[float]]:
+    """Receive n results; returns arrival times and reported latencies (ms); each result's peak
+    count goes to `peaks` when given (what extraction had to do)."""
     arrivals, latencies = [], []
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
@@ -200,6 +203,8 @@ def consume(pull: zmq.Socket, n: int, timeout_s: float) -> tuple[list[float], li
             r = msgpack.unpackb(pull.recv(), raw=False)
             arrivals.append(time.perf_counter())
             latencies.append(r["latency_ms"])
+            if peaks is not None:
+                peaks.append(r["n_peaks"])
     return arrivals, latencies
 
 
@@ -241,7 +246,8 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             per = args.frames // k
             procs = producers(ports[:k], args, per, 0, capture=True)
             cpu0, busy0, t0 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
-            arrivals, lat = consume(pull, per * k, args.timeout)
+            peaks: list[int] = []
+            arrivals, lat = consume(pull, per * k, args.timeout, peaks)
             cpu1, busy1, t1 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
             for p in procs:
                 p.wait()
@@ -253,6 +259,7 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_bytes_per_frame"] = wire_bytes_per_frame(procs)
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
+            row["peaks_per_frame"] = float(np.mean(peaks)) if peaks else float("nan")
             rate_at_load = args.load * row["fps"] / k
             n_at_load = max(int(rate_at_load * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n_at_load, rate_at_load)
@@ -359,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
     print("\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
-          f"| ratio | p50 ms @{args.load:.0%} | p99 ms @{args.load:.0%} | host cores | machine cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| ratio | peaks/frame | p50 ms @{args.load:.0%} | p99 ms @{args.load:.0%} | host cores | machine cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
         print(f"| {r['model']} | {args.dtype} | {fmt} | {r['data']} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
               f"| {r['wire_gb_s']:.2f} "
-              f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['peaks_per_frame']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
               f"| {r['host_cores']:.1f} | {r['machine_cores']:.1f} |")
     return 0
 

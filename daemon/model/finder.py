@@ -134,13 +134,23 @@ def build_net(model_cfg: ModelConfig) -> nn.Module:
                      m.num_classes)
 
 
+RANDOM_WEIGHTS_SEED = 0  # the draw of a net run without a checkpoint (benchmarks)
+
+
 def build_peaknet(model_cfg: ModelConfig) -> nn.Module:
-    """build_net, with weights from model_cfg.checkpoint when set."""
-    net = build_net(model_cfg)
+    """build_net, with weights from model_cfg.checkpoint when set. Without a checkpoint the
+    random weights are drawn from RANDOM_WEIGHTS_SEED, the same in every process: which pixels
+    a random net marks, and so what extraction costs, depends on its draw, and benchmarks of
+    random-weight nets must measure the same net every time (README, Runtime, has how much the
+    draw mattered)."""
     path = resolve_checkpoint(model_cfg.checkpoint)
     if path is not None:
+        net = build_net(model_cfg)
         load_checkpoint(net, path, arch_of(model_cfg))
-    return net
+        return net
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return build_net(model_cfg)
 
 
 def build_finder(model_cfg: ModelConfig, pipeline_cfg: PipelineConfig, device: torch.device) -> Finder:
