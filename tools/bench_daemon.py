@@ -7,6 +7,8 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
 - latency p50/p99 (receive -> result, as each result reports it) at 80% of that rate (--load),
 - host cores the daemon's process tree used in the steady window (CPU seconds / wall seconds),
   and the cores the whole machine was busy (producers, daemon, kernel: /proc/stat),
+- the mean peaks per frame of the results: extraction's work, which for a net with random
+  weights depends on its draw (fixed since model/finder.py's RANDOM_WEIGHTS_SEED),
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
 the bare net's forward rate for PeakNet (what the pipeline overlaps extraction with), the
 finder + extraction rate for the classical finder.
