@@ -34,6 +34,7 @@
 #                                 # its GPU process under py-spy --native), peaknet-atto float32 K = 1, 8 (~540 s)
 #   tools/gpu_suite.sh batch1c    # every GPU test (with durations), peaknet-small batch 1 K = 1, 8 and
 #                                 # batch 4 K = 1 end to end (~560 s)
+#   tools/gpu_suite.sh small_fixed  # the GPU tests, then peaknet-small (fixed draw) batch 1 and 4, K = 1, 8 (~500 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -261,6 +262,15 @@ batch1c_steps() {  # one call: every GPU test (a longer limit, with durations), 
     --compile --compile-mode reduce-overhead --producer-io-threads 4
   rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
 }
+small_fixed_steps() {  # one call: the GPU tests, then peaknet-small end to end with the fixed draw of its
+                       # random weights (RANDOM_WEIGHTS_SEED), batch 1 and 4, K = 1, 8 (~500 s)
+  gpu_tests
+  bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  bench_daemon_row small_b4 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
+    --compile --compile-mode reduce-overhead --producer-io-threads 4
+  rm -f "$OUT"/daemon-*.log  # at most 8 files come back
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -304,6 +314,7 @@ case ${1:-} in
   batch1) batch1_steps ;;
   batch1b) batch1b_steps ;;
   batch1c) batch1c_steps ;;
+  small_fixed) small_fixed_steps ;;
   idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
