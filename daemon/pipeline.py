@@ -6,9 +6,8 @@ on four streams ordered by events, so while batch k computes, batch k+1 uploads 
 compact peaks download. Extraction waits on the host for its own stream a few times per batch
 (sizes and convergence checks), so the launcher enqueues the detections of the batches already
 waiting (up to `DETECT_AHEAD`) before it walks the extraction of batch k: the net keeps the device
-busy while the host does that. The
-host never waits for the whole device. On the CPU the very same code runs synchronously, with
-no pinning and no streams.
+busy while the host does that. The host never waits for the whole device. On the CPU the very
+same code runs synchronously, with no pinning and no streams.
 
 Threading: `acquire` + `submit` come from one batching thread, `collect` from a result thread.
 """
