@@ -102,7 +102,8 @@ class ModelConfig:
     norm_mean: float = _f(0.0, doc="subtracted when normalisation is fixed (ADU)")
     norm_std: float = _f(1.0, 1e-12, doc="divides when normalisation is fixed (ADU)")
     checkpoint: str = _f("", doc="safetensors or .pt (state dict, or a trainer checkpoint holding one); "
-                                 "empty = random weights; 'default' = shipped")
+                                 "empty = random weights (the same draw in every process, seed 0: for benchmarks); "
+                                 "'default' = shipped")
     threshold: float = _f(0.5, 0.0, 1.0, doc="peak-class probability that marks a pixel")
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
 
