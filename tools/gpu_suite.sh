@@ -34,7 +34,8 @@
 #                                 # its GPU process under py-spy --native), peaknet-atto float32 K = 1, 8 (~540 s)
 #   tools/gpu_suite.sh batch1c    # every GPU test (with durations), peaknet-small batch 1 K = 1, 8 and
 #                                 # batch 4 K = 1 end to end (~560 s)
-#   tools/gpu_suite.sh small_fixed  # the GPU tests, then peaknet-small (fixed draw) batch 1 and 4, K = 1, 8 (~500 s)
+#   tools/gpu_suite.sh small_fixed  # the GPU tests, then peaknet-small (fixed draw) batch 1 K = 1, 8 and batch 4
+#                                 # K = 1 (~450 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -57,7 +58,7 @@ step() {  # name, limit in s, command...: output to the terminal and $OUT/name.t
   tail -n 40 "$OUT/$name.txt"; echo "=== $name rc=$rc"
 }
 gpu_tests() {  # every GPU test; the failures' tracebacks in $OUT/gpu_tests.txt
-  step gpu_tests 200 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider tests/test_gpu_runtime.py \
+  step gpu_tests 240 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider tests/test_gpu_runtime.py \
     tests/test_gpu_pipeline.py tests/test_model_original.py
 }
 pipeline_steps() {
@@ -263,11 +264,11 @@ batch1c_steps() {  # one call: every GPU test (a longer limit, with durations), 
   rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
 }
 small_fixed_steps() {  # one call: the GPU tests, then peaknet-small end to end with the fixed draw of its
-                       # random weights (RANDOM_WEIGHTS_SEED), batch 1 and 4, K = 1, 8 (~500 s)
+                       # random weights (RANDOM_WEIGHTS_SEED), batch 1 K = 1, 8 and batch 4 K = 1 (~450 s)
   gpu_tests
   bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
-  bench_daemon_row small_b4 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 \
+  bench_daemon_row small_b4 120 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
   rm -f "$OUT"/daemon-*.log  # at most 8 files come back
 }
