@@ -204,15 +204,23 @@ def test_model_only_rate_runs(tmp_path, finders):
     assert model_only_rate(cfg, seconds=0.1, device="cpu", finder=finders["classical"]) > 0
 
 
-def test_profile_experiments_runs_on_cpu(tmp_path):
+def profile_tool():
+    """tools/profile_experiments.py as a module (tools/ is not a package)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     tool = Path(__file__).resolve().parent.parent / "tools" / "profile_experiments.py"
     spec = importlib.util.spec_from_file_location("profile_experiments", tool)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_experiments_runs_on_cpu(tmp_path):
+    import json
+    from pathlib import Path
+
+    mod = profile_tool()
     exps = tmp_path / "exps.yaml"
     exps.write_text("experiments:\n  - {name: two-slots, overrides: {pipeline.buffers: 2}}\n"
                     "  - {name: three-slots, overrides: {pipeline.buffers: 3}}\n")
@@ -230,13 +238,7 @@ def test_profile_experiments_runs_on_cpu(tmp_path):
 
 
 def test_profile_timeline_reads_device_busy_and_gaps_from_a_trace():
-    import importlib.util
-    from pathlib import Path
-
-    tool = Path(__file__).resolve().parent.parent / "tools" / "profile_experiments.py"
-    spec = importlib.util.spec_from_file_location("profile_experiments", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = profile_tool()
 
     def ev(cat, ts, dur, name="k", stream=7):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}

@@ -42,8 +42,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import msgpack
 import numpy as np
