@@ -34,8 +34,7 @@
 #                                 # its GPU process under py-spy --native), peaknet-atto float32 K = 1, 8 (~540 s)
 #   tools/gpu_suite.sh batch1c    # every GPU test (with durations), peaknet-small batch 1 K = 1, 8 and
 #                                 # batch 4 K = 1 end to end (~560 s)
-#   tools/gpu_suite.sh small_fixed  # the GPU tests, then peaknet-small (fixed draw) batch 1 K = 1, 8 and batch 4
-#                                 # K = 1 (~450 s)
+#   tools/gpu_suite.sh small_fixed  # batch1c again, now that peaknet-small's random weights are one fixed draw
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -77,10 +76,14 @@ small_steps() {
   step bench_small 240 python3 tools/bench_pipeline.py --models peaknet-small --seconds 5 --skip-naive \
     --json "$OUT/bench_small.json"
 }
+bench_daemon_cmd() {  # name: the command of a README row (epix10k2M frames), JSON to $OUT/name.json
+  BENCH=(python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 --latency-seconds 3 --timeout 120
+    --log-dir "$OUT" --json "$OUT/$1.json")
+}
 bench_daemon_row() {  # name, limit, bench_daemon args...
   local name=$1 limit=$2; shift 2
-  step "$name" "$limit" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 --latency-seconds 3 \
-    --timeout 120 --log-dir "$OUT" --json "$OUT/$name.json" "$@"
+  bench_daemon_cmd "$name"
+  step "$name" "$limit" "${BENCH[@]}" "$@"
 }
 runtime_steps() {
   step runtime_tests 200 python3 -m pytest -q -s -m gpu tests/test_gpu_runtime.py tests/test_gpu_pipeline.py
@@ -216,10 +219,9 @@ batch1_steps() {  # one call: why peaknet-small at batch 1 reaches 0.78 of its b
   local spy=()
   spy_setup && spy=(/tmp/site/bin/py-spy record --subprocesses --threads --idle --nonblocking --rate 50 \
     --format raw -o "$OUT/small_b1.raw" --)
-  step small_b1_daemon 170 "${spy[@]}" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 \
-    --latency-seconds 3 --timeout 120 --log-dir "$OUT" --json "$OUT/small_b1_daemon.json" --models peaknet-small \
-    --producers 1 --frames 1500 --dtype float32 --batch 1 --compile --compile-mode reduce-overhead \
-    --producer-io-threads 4
+  bench_daemon_cmd small_b1_daemon
+  step small_b1_daemon 170 "${spy[@]}" "${BENCH[@]}" --models peaknet-small --producers 1 --frames 1500 \
+    --dtype float32 --batch 1 --compile --compile-mode reduce-overhead --producer-io-threads 4
   [ -f "$OUT/small_b1.raw" ] && python3 tools/spy_summary.py "$OUT/small_b1.raw" --top 8 --depth 3 \
     > "$OUT/small_b1_spy.txt" && head -n 120 "$OUT/small_b1_spy.txt"
 }
@@ -227,8 +229,8 @@ spy_actor() {  # name, limit in s, bench_daemon args...: the bench in the backgr
               # (the Ray actor) under py-spy with native frames, so that waits for the GIL show as such
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s, the actor under py-spy --native)"
-  timeout -k 15 "$limit" python3 tools/bench_daemon.py --frame-shape 16,352,384 --seconds 3 --latency-seconds 3 \
-    --timeout 120 --log-dir "$OUT" --json "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2>&1 &
+  bench_daemon_cmd "$name"
+  timeout -k 15 "$limit" "${BENCH[@]}" "$@" > "$OUT/$name.txt" 2>&1 &
   local bench=$! pid=""
   for _ in $(seq 1 300); do pid=$(pgrep -f "^ray::PipelineActor" | head -n 1); [ -n "$pid" ] && break; sleep 0.5; done
   if [ -n "$pid" ] && spy_setup; then
@@ -254,23 +256,14 @@ batch1b_steps() {  # one call, after DETECT_AHEAD and fewer extraction kernels (
     --compile --compile-mode reduce-overhead --producer-io-threads 4
 }
 batch1c_steps() {  # one call: every GPU test (a longer limit, with durations), then peaknet-small
-                   # batch 1 K = 1, 8 and batch 4 K = 1 end to end (~560 s)
+                   # batch 1 K = 1, 8 and batch 4 K = 1 end to end (~560 s); also named small_fixed
   step gpu_tests 270 python3 -m pytest -q -m gpu -rfE --tb=short --durations=12 -p no:cacheprovider \
     tests/test_gpu_runtime.py tests/test_gpu_pipeline.py tests/test_model_original.py
   bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
-  bench_daemon_row small_b4 110 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4
-  rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
-}
-small_fixed_steps() {  # one call: the GPU tests, then peaknet-small end to end with the fixed draw of its
-                       # random weights (RANDOM_WEIGHTS_SEED), batch 1 K = 1, 8 and batch 4 K = 1 (~450 s)
-  gpu_tests
-  bench_daemon_row small_b1 170 --models peaknet-small --producers 1,8 --frames 1500 --dtype float32 --batch 1 \
-    --compile --compile-mode reduce-overhead --producer-io-threads 4
   bench_daemon_row small_b4 120 --models peaknet-small --producers 1 --frames 1000 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
-  rm -f "$OUT"/daemon-*.log  # at most 8 files come back
+  rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
 }
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
@@ -314,8 +307,7 @@ case ${1:-} in
   small_rows) small_rows_steps ;;
   batch1) batch1_steps ;;
   batch1b) batch1b_steps ;;
-  batch1c) batch1c_steps ;;
-  small_fixed) small_fixed_steps ;;
+  batch1c | small_fixed) batch1c_steps ;;  # small_fixed: the same call, run again with the fixed draw
   idle_rule) idle_rule_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
