@@ -1,0 +1,168 @@
+"""Bare receiver: what K producers over loopback TCP put into P receiving processes, with none of
+the daemon's work (no validation, batching, GPU process, results).
+
+It is the yardstick for the daemon's ingest-only row (`tools/bench_daemon.py --models
+ingest-only`): run both in one call on one machine, and the ratio is what the daemon's ingest
+costs beyond receiving and one copy. Each receiver process binds its share of the K ports (dealt
+as the daemon's bind mode deals sockets), takes every frame off its socket zero-copy and copies
+the payload once into its destination, and with --h2d on to the GPU. `--dest` says where the
+copy goes:
+  reuse  one frame buffer per process, written again for every frame: it stays in the CPU's
+         caches (a receiver written for a quick test usually looks like this);
+  ring   --ring-frames frames per process, cycled: a working set as large as the daemon's batch
+         slots (4 processes x 2 slots x 4 frames by default), far beyond any cache.
+
+  python tools/bench_receive.py --producers 2 --processes 2 --frames 200      # CPU, quick look
+  python tools/bench_receive.py --frame-shape 16,352,384 --producers 8 --processes 4 \
+      --dest reuse,ring --h2d                                                 # the README rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_daemon import machine_busy_seconds, producers, steady_rate  # noqa: E402
+from daemon_process import free_port  # noqa: E402
+
+DTYPE_BYTES = {"uint16": 2, "int16": 2, "int32": 4, "float16": 2, "float32": 4}
+
+
+def receiver(ports: list[int], frame_bytes: int, frames_held: int, h2d: bool, ends_expected: int,
+             timeout_s: float, ready: "mp.Queue", results: "mp.Queue") -> None:
+    """One receiving process: bind, copy each payload into the next destination frame, count
+    arrivals until every producer of its ports said `end` (or nothing came for timeout_s)."""
+    ctx = zmq.Context()
+    socks = []
+    for port in ports:
+        s = ctx.socket(zmq.PULL)
+        s.setsockopt(zmq.RCVHWM, 8)  # as bench_daemon's ingest sockets
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(f"tcp://127.0.0.1:{port}")
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    if h2d:
+        import torch
+        host = torch.empty((frames_held, frame_bytes), dtype=torch.uint8, pin_memory=True)
+        dest = host.numpy()
+        device = torch.empty(frame_bytes, dtype=torch.uint8, device="cuda")
+        stream = torch.cuda.Stream()
+        copied: list = [None] * frames_held  # the event of each host frame's last H2D copy
+    else:
+        dest = np.empty((frames_held, frame_bytes), np.uint8)
+    dest[:] = 1  # touch every page before timing
+    ready.put(True)
+    arrivals: list[float] = []
+    ends = wrong = 0
+    while ends < ends_expected:
+        if not poller.poll(timeout_s * 1000):
+            break
+        for s in socks:
+            while True:
+                try:
+                    parts = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(parts) == 1:
+                    ends += msgpack.unpackb(parts[0].bytes).get("type") == "end"
+                    continue
+                payload = np.frombuffer(parts[-1].buffer, np.uint8)
+                if payload.size != frame_bytes:
+                    wrong += 1
+                    continue
+                i = len(arrivals) % frames_held
+                if h2d:
+                    if copied[i] is not None:
+                        copied[i].synchronize()  # the frame's last copy to the GPU has left it
+                    np.copyto(dest[i], payload)
+                    with torch.cuda.stream(stream):
+                        device.copy_(host[i], non_blocking=True)
+                        copied[i] = torch.cuda.Event()
+                        copied[i].record(stream)
+                else:
+                    np.copyto(dest[i], payload)
+                arrivals.append(time.monotonic())
+    if h2d:
+        stream.synchronize()
+    results.put({"arrivals": arrivals, "ends": ends, "wrong_size": wrong})
+
+
+def run_row(k: int, procs: int, dest: str, args) -> dict:
+    """K producers into P receivers; GB/s over the middle 80 % of all arrivals."""
+    shape = [int(v) for v in args.frame_shape.split(",")]
+    frame_bytes = math.prod(shape) * DTYPE_BYTES[args.dtype]
+    ports = [free_port() for _ in range(k)]
+    p = max(1, min(procs, k))
+    shares = [ports[i::p] for i in range(p)]
+    held = 1 if dest == "reuse" else args.ring_frames
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    workers = [ctx.Process(target=receiver, args=(share, frame_bytes, held, args.h2d, len(share),
+                                                 args.timeout, ready, results), daemon=True)
+               for share in shares]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.get(timeout=120)
+    producer_args = argparse.Namespace(data="random", format="peaknet/1", compression="none",
+                                       frame_shape=args.frame_shape, dtype=args.dtype, ingest_mode="bind",
+                                       producer_io_threads=args.producer_io_threads)
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    senders = producers(ports, producer_args, args.frames, 0)
+    got = [results.get(timeout=args.timeout + 600) for _ in workers]
+    busy1, t1 = machine_busy_seconds(), time.monotonic()
+    for s in senders:
+        s.wait()
+    for w in workers:
+        w.join(10)
+    arrivals = sorted(a for g in got for a in g["arrivals"])
+    fps = steady_rate(arrivals)
+    return {"producers": k, "processes": p, "dest": dest, "h2d": args.h2d, "frames_held": held,
+            "frame_bytes": frame_bytes, "received": len(arrivals), "sent": k * args.frames,
+            "wrong_size": sum(g["wrong_size"] for g in got), "fps": fps, "gb_s": fps * frame_bytes / 1e9,
+            "machine_cores": (busy1 - busy0) / (t1 - t0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--producers", default="2", help="K values, comma-separated")
+    p.add_argument("--processes", type=int, default=4, help="receiving processes (at most K)")
+    p.add_argument("--dest", default="reuse,ring", help="reuse and/or ring (see above)")
+    p.add_argument("--ring-frames", type=int, default=8, help="frames per process with --dest ring")
+    p.add_argument("--frames", type=int, default=200, help="frames per producer")
+    p.add_argument("--frame-shape", default="4,256,256")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--h2d", action="store_true", help="also copy every frame to the GPU (pinned host memory)")
+    p.add_argument("--producer-io-threads", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=30.0, help="s without a message that ends a receiver")
+    p.add_argument("--json", default="", help="also write the rows here")
+    args = p.parse_args()
+    rows = []
+    for dest in args.dest.split(","):
+        if dest not in ("reuse", "ring"):
+            p.error(f"--dest: reuse or ring, got {dest!r}")
+        for k in (int(v) for v in args.producers.split(",")):
+            row = run_row(k, args.processes, dest, args)
+            rows.append(row)
+            lost = row["sent"] - row["received"]
+            print(f"dest={dest:5s} K={k} P={row['processes']} h2d={int(args.h2d)}  {row['fps']:8.1f} frames/s "
+                  f"{row['gb_s']:6.2f} GB/s  machine cores busy {row['machine_cores']:.1f}"
+                  f"{f'  NOT RECEIVED {lost}' if lost else ''}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
