@@ -10,7 +10,7 @@ import torch
 
 from peaknet_daemon.config import config_from_dict
 from peaknet_daemon.model import build_finder
-from peaknet_daemon.pipeline import Pipeline, run_sequential
+from peaknet_daemon.pipeline import Pipeline, non_finite_frames, run_sequential
 from peaknet_daemon.pipeline_throughput import synthetic_frames
 
 SHAPE = (2, 64, 64)
@@ -291,3 +291,21 @@ def test_the_launcher_enqueues_waiting_batches_net_passes_before_it_walks_an_ext
         pipe._launch_q.put(None)
         worker.join(5.0)
         assert calls == [(step, k) for k in range(3) for step in ("detect", "extract")]
+
+
+@pytest.mark.parametrize("dtype, huge", [(torch.float32, 3e38), (torch.float16, 6e4)])
+def test_non_finite_frames_are_found_and_zeroed_and_huge_finite_frames_are_not(dtype, huge):
+    batch = torch.ones(7, 2, 8, 8, dtype=dtype)
+    batch[1, 0, 3, 3] = float("nan")
+    batch[2, 1, 0, 0] = float("inf")
+    batch[3, 0, 7, 7] = -float("inf")
+    batch[4, 0, 1, 1], batch[4, 1, 1, 1] = float("inf"), -float("inf")  # a frame whose sum is NaN
+    batch[5] = huge  # finite, but its sum overflows: checked element by element, kept as it is
+    batch[6, 0, 2, 2] = -huge
+    before = batch.clone()
+    bad = non_finite_frames(batch)
+    assert bad.tolist() == [False, True, True, True, True, False, False]
+    assert torch.isfinite(batch).all()
+    assert torch.equal(batch[~bad], before[~bad])  # good frames untouched
+    assert batch[1, 0, 3, 3] == 0 and batch[2, 1, 0, 0] == 0 and batch[4, 1, 1, 1] == 0
+    assert (batch[1] == 1).sum() == 2 * 8 * 8 - 1  # only the non-finite pixel changed
