@@ -37,6 +37,8 @@
 #   tools/gpu_suite.sh small_fixed  # batch1c again, now that peaknet-small's random weights are one fixed draw
 #   tools/gpu_suite.sh receive    # the bare receiver (tools/bench_receive.py: K = 8 into 4 processes, a reused
 #                                 # buffer vs a ring, to the GPU) around the daemon's ingest-only K = 8 row (~300 s)
+#   tools/gpu_suite.sh receive2   # the GPU tests, then in turn: bare receiver 4 processes, ingest-only K = 8 with 4
+#                                 # ingest processes, bare receiver 8 processes, ingest-only with 8 (~350 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -275,6 +277,16 @@ receive_steps() {  # the bare receiver, then the daemon's ingest-only row, then 
   step receive_c 150 "${rx[@]}" --processes 8 --dest ring --h2d
   rm -f "$OUT"/daemon-*.log
 }
+receive2_steps() {  # the GPU tests, then bare receiver and daemon in turn, 4 and 8 receiving processes (~350 s)
+  gpu_tests
+  local rx=(python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 --frames 2000
+    --dest ring --h2d)
+  step receive_p4 100 "${rx[@]}" --processes 4
+  bench_daemon_row ingest_p4 80 --models ingest-only --producers 8 --frames 6000 --dtype float32
+  step receive_p8 100 "${rx[@]}" --processes 8
+  bench_daemon_row ingest_p8 80 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
+  rm -f "$OUT"/daemon-*.log
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -320,6 +332,7 @@ case ${1:-} in
   batch1c | small_fixed) batch1c_steps ;;  # small_fixed: the same call, run again with the fixed draw
   idle_rule) idle_rule_steps ;;
   receive) receive_steps ;;
+  receive2) receive2_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -332,5 +345,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|small_daemon|stream2" >&2; exit 2 ;;
 esac
