@@ -39,6 +39,7 @@
 #                                 # buffer vs a ring, to the GPU) around the daemon's ingest-only K = 8 row (~300 s)
 #   tools/gpu_suite.sh receive2   # the GPU tests, then in turn: bare receiver 4 processes, ingest-only K = 8 with 4
 #                                 # ingest processes, bare receiver 8 processes, ingest-only with 8 (~350 s)
+#   tools/gpu_suite.sh pipeline_check  # the pipeline's GPU tests, then its H2D bandwidth test twice more (~150 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -287,6 +288,14 @@ receive2_steps() {  # the GPU tests, then bare receiver and daemon in turn, 4 an
   bench_daemon_row ingest_p8 80 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
   rm -f "$OUT"/daemon-*.log
 }
+pipeline_check_steps() {  # after a change in pipeline.py: its GPU tests, and the bandwidth test (whose
+                         # ratio is the noisiest) twice more, with its figures printed
+  step pipeline_tests 200 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider tests/test_gpu_pipeline.py
+  for i in 1 2; do
+    step "h2d_$i" 90 python3 -m pytest -q -s -m gpu -p no:cacheprovider --tb=line \
+      tests/test_gpu_pipeline.py::test_gpu_noop_pipeline_reaches_pinned_h2d_bandwidth
+  done
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -333,6 +342,7 @@ case ${1:-} in
   idle_rule) idle_rule_steps ;;
   receive) receive_steps ;;
   receive2) receive2_steps ;;
+  pipeline_check) pipeline_check_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -345,5 +355,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|small_daemon|stream2" >&2; exit 2 ;;
 esac
