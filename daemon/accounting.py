@@ -21,7 +21,7 @@ import msgpack
 from .runs import RunOutcome, RunTracker
 
 _SCALARS = ("received", "processed", "peaks", "hits", "control_messages", "peaks_truncated", "auth_failures",
-            "peer_disconnects")
+            "peer_disconnects", "ingest_slot_wait_ms")
 _LABELLED = ("rejected", "sink_errors", "thread_failures", "results_dropped")
 
 

@@ -18,9 +18,9 @@ Talk with the GPU process is msgpack over a pipe:
                             ["control", event]          a start/end message
                             ["done"]                    drained and finished
 
-Counters (frames, controls, rejections by reason, heartbeat) live in this process's row of
-the shared counters table, so they survive the process. The process exits when its parent
-dies (PR_SET_PDEATHSIG, and end-of-file on the pipe).
+Counters (frames, controls, rejections by reason, heartbeat, time without a free slot to fill)
+live in this process's row of the shared counters table, so they survive the process. The
+process exits when its parent dies (PR_SET_PDEATHSIG, and end-of-file on the pipe).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .ingest import SocketReader
 from .log import RateLimitedLog, configure_logging, get_logger
 from .security import SocketGuard
 from .shm_ring import (AUTH_FAILURES, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS, REJECTED0,
-                       SharedRing)
+                       SLOT_WAIT_NS, SharedRing)
 from .sources import ControlEvent, FrameTag
 
 log = get_logger("peaknet.ingest")
@@ -113,8 +113,10 @@ class _Filler:
     # FrameOut (sources/base.py): the sources write frames straight into the held slot
     def slot(self) -> np.ndarray:
         if self.slot_index is None:
+            t0 = time.monotonic_ns()
             while not self.spare:  # one message can hold several frames (lclstreamer batches)
                 self.take(msgpack.unpackb(self.conn.recv_bytes(), raw=False))
+            self.counters[SLOT_WAIT_NS] += time.monotonic_ns() - t0
             self.slot_index = self.spare.pop()
             self.opened_at = time.monotonic()
         return self.ring.slots[self.slot_index][len(self.tags)]
@@ -226,7 +228,10 @@ def _loop(filler: _Filler, readers: list[SocketReader], conn: Connection, parent
         counters[HEARTBEAT_NS] = time.monotonic_ns()
         counters[AUTH_FAILURES], counters[DISCONNECTS] = guard.auth_failures, guard.disconnects
         poller = full if filler.has_room() else only_conn
+        waited = time.monotonic_ns()
         events = dict(poller.poll(filler.ms_until_due(now) if drain_until is None else DRAIN_IDLE_MS))
+        if poller is only_conn:  # no slot to fill: the sockets' queues fill meanwhile
+            counters[SLOT_WAIT_NS] += time.monotonic_ns() - waited
         if conn.fileno() in events:
             while conn.poll():
                 filler.take(msgpack.unpackb(conn.recv_bytes(), raw=False))

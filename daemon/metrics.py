@@ -30,7 +30,7 @@ _SCALARS = {"received": "frames_received", "processed": "frames_processed", "mis
             "peaks": "peaks_found", "hits": "hits", "control_messages": "control_messages",
             "restarts": "actor_restarts", "lost_in_restart": "frames_lost_in_restart",
             "peaks_truncated": "peaks_truncated", "auth_failures": "auth_failures",
-            "peer_disconnects": "ingest_disconnects"}
+            "peer_disconnects": "ingest_disconnects", "ingest_slot_wait_ms": "ingest_slot_wait_milliseconds"}
 # Accounting's {label: n} totals -> (counter, label name).
 _LABELLED = {"rejected": ("frames_rejected", "reason"), "sink_errors": ("sink_errors", "sink"),
              "thread_failures": ("thread_failures", "role"), "results_dropped": ("results_dropped", "reason")}
@@ -91,6 +91,9 @@ class Metrics:
         self.auth_failures = counter("auth_failures", "Peers refused by CURVE (handshake failed)")
         self.ingest_disconnects = counter("ingest_disconnects", "Ingest peers disconnected (a part over "
                                           "max_message_bytes, or the peer went away)")
+        self.ingest_slot_wait_milliseconds = counter(
+            "ingest_slot_wait_milliseconds", "Time ingest processes had no free batch slot to fill (summed over "
+            "them): the GPU side was behind, and the sockets' queues, then the source, were held back")
         self.batch_size = Histogram(f"{NS}_batch_size", "Frames per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.latency_seconds = Histogram(f"{NS}_latency_seconds", "Frame receive to result",

@@ -27,9 +27,10 @@ import numpy as np
 from .wire import DTYPES, REASONS
 
 # Counter columns of an ingest process's row (int64). Rejections follow, one column per reason.
-FRAMES, CONTROLS, HEARTBEAT_NS, AUTH_FAILURES, DISCONNECTS = range(5)
+# SLOT_WAIT_NS: time the process had no free slot to fill (both of its slots with the GPU process).
+FRAMES, CONTROLS, HEARTBEAT_NS, AUTH_FAILURES, DISCONNECTS, SLOT_WAIT_NS = range(6)
 INGEST_REASONS = (*REASONS, "shutdown")
-REJECTED0 = 5
+REJECTED0 = 6
 COLUMNS = REJECTED0 + len(INGEST_REASONS)
 
 

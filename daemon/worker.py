@@ -44,7 +44,7 @@ from .monitor import HitSampler
 from .pipeline import BatchFailed, Pipeline
 from .results import BatchResult, FramePeaks
 from .shm_ring import (AUTH_FAILURES, COLUMNS, CONTROLS, DISCONNECTS, FRAMES, HEARTBEAT_NS, INGEST_REASONS,
-                       REJECTED0, SharedRing)
+                       REJECTED0, SLOT_WAIT_NS, SharedRing)
 from .security import SocketGuard
 from .sinks import SINKS, ResultSink, SinkContext
 from .supervision import Supervision
@@ -580,8 +580,9 @@ class Worker:
         return out
 
     def _integrity_stats(self) -> dict:
-        """CXI truncation, results not sent, refused peers and dropped ingest peers (the ingest
-        processes count theirs in the shared counters)."""
+        """CXI truncation, results not sent, refused peers, dropped ingest peers (the ingest
+        processes count theirs in the shared counters) and the ingest processes' time without
+        a free slot (the GPU side was behind)."""
         c = self._ingest_counts()
         dropped: Counter[str] = Counter()
         for sink in self._sinks.values():
@@ -591,7 +592,8 @@ class Worker:
                 "auth_failures": self._guard.auth_failures + int(c[AUTH_FAILURES])
                 + sum(getattr(s, "auth_failures", 0) for s in self._sinks.values()),
                 "peer_disconnects": self._guard.disconnects + int(c[DISCONNECTS])
-                + sum(getattr(s, "disconnects", 0) for s in self._sinks.values())}
+                + sum(getattr(s, "disconnects", 0) for s in self._sinks.values()),
+                "ingest_slot_wait_ms": int(c[SLOT_WAIT_NS]) // 1_000_000}
 
     def _ingest_rss(self) -> list[int]:
         """Resident memory of each ingest process (0 for one that is down)."""

@@ -64,6 +64,13 @@ def test_a_restart_shows_the_accountings_totals():
     assert m.totals()["frames_received"] == 110 and m.totals()["actor_restarts"] == 1
 
 
+def test_ingest_slot_wait_sums_over_actors_and_incarnations():
+    m, acc = Metrics(), Accounting(grace_s=10)
+    show(m, acc, [stats("a0", ingest_slot_wait_ms=1500), stats("a1", index=1, ingest_slot_wait_ms=20)])
+    show(m, acc, [stats("a0", ingest_slot_wait_ms=40, incarnation="i1"), stats("a1", index=1, ingest_slot_wait_ms=25)])
+    assert m.value("ingest_slot_wait_milliseconds_total") == 1500 + 40 + 25
+
+
 def test_gauges_sink_errors_thread_failures_and_drops():
     m = Metrics()
     m.update({"sink_errors": {"cxi": 2}, "thread_failures": {"results": 1}, "results_dropped": {"hwm": 3}},

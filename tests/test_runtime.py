@@ -91,6 +91,29 @@ def test_nan_frames_are_found_on_the_device_and_counted(running, results, frames
     assert worker.ring.in_flight[0] == 0  # the gauge the ingest processes read follows the device
 
 
+class Held:
+    """Wraps a callable: every call waits until `release` is set (the GPU side held up)."""
+
+    def __init__(self, inner):
+        self.inner, self.release = inner, threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        assert self.release.wait(60), "never released"
+        return self.inner(*args, **kwargs)
+
+
+def test_time_without_a_free_slot_is_counted_while_the_gpu_side_is_held_up(running, results, frames, monkeypatch):
+    worker, pusher = running()
+    held = Held(worker.pipeline.submit)
+    monkeypatch.setattr(worker.pipeline, "submit", held)
+    pusher.send(frames)  # more than the 2 slots an ingest process holds (2 x batch 4)
+    s = wait_stats(worker, lambda s: s["ingest_slot_wait_ms"] >= 200)
+    assert s["processed"] == 0
+    held.release.set()
+    s = wait_stats(worker, lambda s: s["processed"] == N)
+    assert s["ingest_slot_wait_ms"] >= 200 and balanced(s)
+
+
 def test_a_dispatch_fault_is_counted_and_its_batch_ends_as_internal_error(running, results, frames, monkeypatch):
     worker, pusher = running()
     monkeypatch.setattr(worker.pipeline, "submit", FailOnce(worker.pipeline.submit))

@@ -9,6 +9,8 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
   and the cores the whole machine was busy (producers, daemon, kernel: /proc/stat),
 - the mean peaks per frame of the results: extraction's work, which for a net with random
   weights depends on its draw (fixed since model/finder.py's RANDOM_WEIGHTS_SEED),
+- the ingest processes' time without a free batch slot, in seconds per second summed over them
+  (from /metrics): near their count, the GPU side is the limit; near 0, ingest or the producers,
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
 the bare net's forward rate for PeakNet (what the pipeline overlaps extraction with), the
 finder + extraction rate for the classical finder.
@@ -210,6 +212,22 @@ def consume(pull: zmq.Socket, n: int, timeout_s: float,
     return arrivals, latencies
 
 
+def metric_total(port: int, name: str) -> float:
+    """One counter of the daemon's /metrics (0 when absent or unreadable). The supervisor
+    refreshes it every metrics.interval_s (1 s here), so a difference over a window is close."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+SLOT_WAIT = "peaknet_ingest_slot_wait_milliseconds_total"
+
+
 def steady_rate(arrivals: list[float]) -> float:
     """Frames/s over the middle 80% of arrivals (start-up and tail excluded)."""
     if len(arrivals) < 10:
@@ -248,9 +266,11 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             per = args.frames // k
             procs = producers(ports[:k], args, per, 0, capture=True)
             cpu0, busy0, t0 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
+            wait0 = metric_total(mport, SLOT_WAIT)
             peaks: list[int] = []
             arrivals, lat = consume(pull, per * k, args.timeout, peaks)
             cpu1, busy1, t1 = tree_cpu_seconds(daemon.pid), machine_busy_seconds(), time.perf_counter()
+            wait1 = metric_total(mport, SLOT_WAIT)
             for p in procs:
                 p.wait()
             row = {"model": model, "producers": k, "fps": steady_rate(arrivals), "received": len(arrivals),
@@ -262,6 +282,8 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
             row["peaks_per_frame"] = float(np.mean(peaks)) if peaks else float("nan")
+            # seconds per second that ingest processes (summed) had frames and no free slot
+            row["slot_wait_s_per_s"] = (wait1 - wait0) / 1e3 / (t1 - t0)
             rate_at_load = args.load * row["fps"] / k
             n_at_load = max(int(rate_at_load * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n_at_load, rate_at_load)
@@ -362,20 +384,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['gb_s']:.2f} GB/s decompressed)  {wire}model-only {mo:8.1f}  ratio {row['ratio']:.2f}  "
                   f"p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms at {args.load:.0%}  "
                   f"(p99 {row['p99_ms_max_rate']:.1f} ms at max)  host cores {row['host_cores']:.1f} "
-                  f"(machine {row['machine_cores']:.1f} of {row['machine_cpus']})", flush=True)
+                  f"(machine {row['machine_cores']:.1f} of {row['machine_cpus']})  "
+                  f"ingest slot wait {row['slot_wait_s_per_s']:.2f} s/s", flush=True)
             if args.json:  # after every row, so a timeout keeps what was measured
                 Path(args.json).write_text(json.dumps(rows, indent=1))
 
         run_model(model, [int(v) for v in args.producers.split(",")], args, on_row)
     print("\n| model | dtype | format | data | K | end-to-end frames/s | GB/s | wire GB/s | model-only frames/s "
-          f"| ratio | peaks/frame | p50 ms @{args.load:.0%} | p99 ms @{args.load:.0%} | host cores | machine cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| ratio | peaks/frame | p50 ms @{args.load:.0%} | p99 ms @{args.load:.0%} | host cores | machine cores "
+          "| slot wait s/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = r["format"] + (f" {r['compression']}" if r["format"] == "stream2" else "")
         print(f"| {r['model']} | {args.dtype} | {fmt} | {r['data']} | {r['producers']} | {r['fps']:.1f} | {r['gb_s']:.2f} "
               f"| {r['wire_gb_s']:.2f} "
               f"| {r['model_only_fps']:.1f} | {r['ratio']:.2f} | {r['peaks_per_frame']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['host_cores']:.1f} | {r['machine_cores']:.1f} |")
+              f"| {r['host_cores']:.1f} | {r['machine_cores']:.1f} | {r['slot_wait_s_per_s']:.2f} |")
     return 0
 
 

@@ -40,6 +40,8 @@
 #   tools/gpu_suite.sh receive2   # the GPU tests, then in turn: bare receiver 4 processes, ingest-only K = 8 with 4
 #                                 # ingest processes, bare receiver 8 processes, ingest-only with 8 (~350 s)
 #   tools/gpu_suite.sh pipeline_check  # the pipeline's GPU tests, then its H2D bandwidth test twice more (~150 s)
+#   tools/gpu_suite.sh slot_wait  # ingest-only K = 8 with 4, then 8 ingest processes, with the ingest
+#                                 # processes' time without a free slot (~150 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -296,6 +298,11 @@ pipeline_check_steps() {  # after a change in pipeline.py: its GPU tests, and th
       tests/test_gpu_pipeline.py::test_gpu_noop_pipeline_reaches_pinned_h2d_bandwidth
   done
 }
+slot_wait_steps() {  # is the GPU process what holds ingest back? (the slot wait column, ~150 s)
+  bench_daemon_row ingest_p4 75 --models ingest-only --producers 8 --frames 6000 --dtype float32
+  bench_daemon_row ingest_p8 75 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
+  rm -f "$OUT"/daemon-*.log
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -343,6 +350,7 @@ case ${1:-} in
   receive) receive_steps ;;
   receive2) receive2_steps ;;
   pipeline_check) pipeline_check_steps ;;
+  slot_wait) slot_wait_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -355,5 +363,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|small_daemon|stream2" >&2; exit 2 ;;
 esac
