@@ -10,7 +10,9 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
 - the mean peaks per frame of the results: extraction's work, which for a net with random
   weights depends on its draw (fixed since model/finder.py's RANDOM_WEIGHTS_SEED),
 - the ingest processes' time without a free batch slot, in seconds per second summed over them
-  (from /metrics): near their count, the GPU side is the limit; near 0, ingest or the producers,
+  (from /metrics, refreshed every second: a window of a few seconds reads it +- 1 s): near their
+  count, the GPU side (or too few slots in flight: --buffers) is the limit; near 0, ingest or the
+  producers,
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
 the bare net's forward rate for PeakNet (what the pipeline overlaps extraction with), the
 finder + extraction rate for the classical finder.
@@ -74,7 +76,7 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
     return {
         "model": model_section(model, args.checkpoint),
         "pipeline": {"frame_shape": shape, "dtype": args.dtype, "batch_size": args.batch,
-                     "max_batch_delay_ms": args.max_delay_ms, "buffers": 3, "precision": args.precision,
+                     "max_batch_delay_ms": args.max_delay_ms, "buffers": args.buffers, "precision": args.precision,
                      "channels_last": args.compile, "compile": args.compile,
                      "compile_mode": args.compile_mode, "device": "auto"},
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="random", choices=("random", "bragg"),
                    help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--buffers", type=int, default=3,
+                   help="pipeline.buffers: batch slots beyond the 2 each ingest process holds")
     p.add_argument("--max-delay-ms", type=float, default=20)
     p.add_argument("--load", type=float, default=0.8, help="the latency run's rate, as a fraction of the max rate")
     p.add_argument("--precision", default="bf16" if gpu else "fp32")

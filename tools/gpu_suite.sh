@@ -42,6 +42,7 @@
 #   tools/gpu_suite.sh pipeline_check  # the pipeline's GPU tests, then its H2D bandwidth test twice more (~150 s)
 #   tools/gpu_suite.sh slot_wait  # ingest-only K = 8 with 4, then 8 ingest processes, with the ingest
 #                                 # processes' time without a free slot (~150 s)
+#   tools/gpu_suite.sh buffers    # ingest-only K = 8, 8 ingest processes, pipeline.buffers 8 then 3 (~130 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -303,6 +304,13 @@ slot_wait_steps() {  # is the GPU process what holds ingest back? (the slot wait
   bench_daemon_row ingest_p8 75 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
   rm -f "$OUT"/daemon-*.log
 }
+buffers_steps() {  # with 8 ingest processes, do more slots in flight take the slot wait away? (~130 s)
+  for b in 8 3; do
+    bench_daemon_row "ingest_p8_b$b" 70 --models ingest-only --producers 8 --frames 5000 --dtype float32 \
+      --ingest-processes 8 --buffers "$b" --seconds 1 --latency-seconds 2
+  done
+  rm -f "$OUT"/daemon-*.log
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -351,6 +359,7 @@ case ${1:-} in
   receive2) receive2_steps ;;
   pipeline_check) pipeline_check_steps ;;
   slot_wait) slot_wait_steps ;;
+  buffers) buffers_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -363,5 +372,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|buffers|small_daemon|stream2" >&2; exit 2 ;;
 esac
