@@ -309,3 +309,15 @@ def test_non_finite_frames_are_found_and_zeroed_and_huge_finite_frames_are_not(d
     assert torch.equal(batch[~bad], before[~bad])  # good frames untouched
     assert batch[1, 0, 3, 3] == 0 and batch[2, 1, 0, 0] == 0 and batch[4, 1, 1, 1] == 0
     assert (batch[1] == 1).sum() == 2 * 8 * 8 - 1  # only the non-finite pixel changed
+
+
+def test_stage_labels_are_recorded_while_torch_profiler_runs(finders):
+    cfg = make_cfg("classical")
+    frames = frames_for("classical", 3)
+    with Pipeline(cfg, finder=finders["classical"]) as pipe:
+        run_pipeline(pipe, frames)  # no profiler: stages run unlabelled
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            results = run_pipeline(pipe, frames)
+    names = {e.key for e in prof.key_averages()}
+    assert {"detect", "collect"} <= names
+    assert sum(len(r.frames) for r in results) == 3
