@@ -52,9 +52,9 @@ def resolve_device(spec: torch.device | str | None) -> torch.device:
 @contextlib.contextmanager
 def stage(name: str, cuda: bool) -> Iterator[None]:
     """An NVTX range on CUDA (for nsys) plus, while torch.profiler records, a profiler label.
-    The label is left out otherwise: it is a dispatched op (~5 us here, and it gives up the
-    GIL), and py-spy put 10-16 % of the dispatch and result threads' samples of a tiny-frame
-    ingest-only run in it (the rate change was within this 2-core machine's noise)."""
+    The label is left out otherwise: it is a dispatched op (~5 us alone here), and py-spy put
+    10-16 % of the dispatch and result threads' samples of a tiny-frame ingest-only run in it
+    (the rate change was within this 2-core machine's noise)."""
     if cuda:
         torch.cuda.nvtx.range_push(name)
     try:
