@@ -51,17 +51,11 @@ def resolve_device(spec: torch.device | str | None) -> torch.device:
 
 @contextlib.contextmanager
 def stage(name: str, cuda: bool) -> Iterator[None]:
-    """An NVTX range on CUDA (for nsys) plus, while torch.profiler records, a profiler label.
-    The label is left out otherwise: it is a dispatched op (~5 us alone here), and py-spy put
-    10-16 % of the dispatch and result threads' samples of a tiny-frame ingest-only run in it
-    (the rate change was within this 2-core machine's noise)."""
+    """An NVTX range on CUDA (for nsys) plus a profiler label (for torch.profiler, also on CPU)."""
     if cuda:
         torch.cuda.nvtx.range_push(name)
     try:
-        if torch.autograd._profiler_enabled():
-            with torch.profiler.record_function(name):
-                yield
-        else:
+        with torch.profiler.record_function(name):
             yield
     finally:
         if cuda:
