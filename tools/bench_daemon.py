@@ -10,7 +10,7 @@ actor per GPU or one CPU actor) with K ingest sockets (so min(K, 4) ingest proce
 - the mean peaks per frame of the results: extraction's work, which for a net with random
   weights depends on its draw (fixed since model/finder.py's RANDOM_WEIGHTS_SEED),
 - the ingest processes' time without a free batch slot, in seconds per second summed over them
-  (from /metrics, refreshed every second: a window of a few seconds reads it +- 1 s): near their
+  (from /metrics, refreshed every second, so only for a window of >= 5 s; nan below): near their
   count, the GPU side (or too few slots in flight: --buffers) is the limit; near 0, ingest or the
   producers,
 and, for the ratio (end-to-end / model), the same model and batch on a device-resident batch:
@@ -228,6 +228,7 @@ def metric_total(port: int, name: str) -> float:
 
 
 SLOT_WAIT = "peaknet_ingest_slot_wait_milliseconds_total"
+SLOT_WAIT_MIN_S = 5.0  # the shortest steady window the slot-wait figure is given for
 
 
 def steady_rate(arrivals: list[float]) -> float:
@@ -284,8 +285,10 @@ def run_model(model: str, ks: list[int], args, on_row=lambda row: None) -> list[
             row["wire_gb_s"] = row["fps"] * row["wire_bytes_per_frame"] / 1e9
             row["monitor"] = args.monitor
             row["peaks_per_frame"] = float(np.mean(peaks)) if peaks else float("nan")
-            # seconds per second that ingest processes (summed) had frames and no free slot
-            row["slot_wait_s_per_s"] = (wait1 - wait0) / 1e3 / (t1 - t0)
+            # seconds per second that ingest processes (summed) had no free slot; the metric is
+            # refreshed every second, so a shorter window than SLOT_WAIT_MIN_S says nothing
+            row["slot_wait_s_per_s"] = ((wait1 - wait0) / 1e3 / (t1 - t0) if t1 - t0 >= SLOT_WAIT_MIN_S
+                                        else float("nan"))
             rate_at_load = args.load * row["fps"] / k
             n_at_load = max(int(rate_at_load * args.latency_seconds), 20)
             procs = producers(ports[:k], args, n_at_load, rate_at_load)
