@@ -43,7 +43,7 @@
 #   tools/gpu_suite.sh slot_wait  # ingest-only K = 8 with 4, then 8 ingest processes, with the ingest
 #                                 # processes' time without a free slot (~150 s)
 #   tools/gpu_suite.sh buffers    # bare receiver 8 processes, then ingest-only K = 8 with 8 ingest processes:
-#                                 # pipeline.buffers 8, 3, and 8 with batch 8 (~260 s)
+#                                 # bound sockets, then connecting with pipeline.buffers 8, 3, and 8 with batch 8 (~330 s)
 #   tools/gpu_suite.sh idle_rule  # peaknet-small batch 4 K = 1, 8 and batch 2 K = 1, peaknet-atto float32
 #                                 # K = 1, 8, ingest-only K = 8 (~400 s; was run with BUSY_BATCHES 1)
 #   tools/gpu_suite.sh stream2    # bench_daemon peaknet-atto uint16 K=1,4: peaknet/1 raw, then DECTRIS
@@ -306,15 +306,17 @@ slot_wait_steps() {  # is the GPU process what holds ingest back? (the slot wait
   rm -f "$OUT"/daemon-*.log
 }
 buffers_steps() {  # with 8 ingest processes, do more slots in flight (or bigger batches) take the slot wait
-                  # away? The bare receiver first, for the machine's own ceiling (~260 s)
+                  # away? The bare receiver first, for the machine's own ceiling, then the daemon in its
+                  # topology (bind: one socket per producer, as the bare receiver) and the bench's (~330 s)
   step receive_p8 100 python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 \
     --frames 2000 --dest ring --h2d --processes 8
   local row=(--models ingest-only --producers 8 --frames 5000 --dtype float32 --ingest-processes 8 --seconds 1
     --latency-seconds 2)
+  bench_daemon_row ingest_p8_bind 70 "${row[@]}" --ingest-mode bind
   bench_daemon_row ingest_p8_b8 70 "${row[@]}" --buffers 8
   bench_daemon_row ingest_p8_b3 70 "${row[@]}" --buffers 3
   bench_daemon_row ingest_p8_b8_batch8 70 "${row[@]}" --buffers 8 --batch 8
-  rm -f "$OUT"/daemon-*.log "$OUT"/*.json  # 4 text files come back; the rows are in them
+  rm -f "$OUT"/daemon-*.log "$OUT"/*.json  # 5 text files come back; the rows are in them
 }
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
