@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import sys
 import time
@@ -32,13 +31,11 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_daemon import machine_busy_seconds, producers, steady_rate  # noqa: E402
+from bench_daemon import frame_bytes, machine_busy_seconds, producers, steady_rate  # noqa: E402
 from daemon_process import free_port  # noqa: E402
+from peaknet_daemon.wire import DTYPES  # noqa: E402
 
-DTYPE_BYTES = {"uint16": 2, "int16": 2, "int32": 4, "float16": 2, "float32": 4}
-
-
-def receiver(ports: list[int], frame_bytes: int, frames_held: int, h2d: bool, ends_expected: int,
+def receiver(ports: list[int], nbytes: int, frames_held: int, h2d: bool, ends_expected: int,
              timeout_s: float, ready: "mp.Queue", results: "mp.Queue") -> None:
     """One receiving process: bind, copy each payload into the next destination frame, count
     arrivals until every producer of its ports said `end` (or nothing came for timeout_s)."""
@@ -55,13 +52,13 @@ def receiver(ports: list[int], frame_bytes: int, frames_held: int, h2d: bool, en
         poller.register(s, zmq.POLLIN)
     if h2d:
         import torch
-        host = torch.empty((frames_held, frame_bytes), dtype=torch.uint8, pin_memory=True)
+        host = torch.empty((frames_held, nbytes), dtype=torch.uint8, pin_memory=True)
         dest = host.numpy()
-        device = torch.empty(frame_bytes, dtype=torch.uint8, device="cuda")
+        device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         stream = torch.cuda.Stream()
         copied: list = [None] * frames_held  # the event of each host frame's last H2D copy
     else:
-        dest = np.empty((frames_held, frame_bytes), np.uint8)
+        dest = np.empty((frames_held, nbytes), np.uint8)
     dest[:] = 1  # touch every page before timing
     ready.put(True)
     arrivals: list[float] = []
@@ -79,7 +76,7 @@ def receiver(ports: list[int], frame_bytes: int, frames_held: int, h2d: bool, en
                     ends += msgpack.unpackb(parts[0].bytes).get("type") == "end"
                     continue
                 payload = np.frombuffer(parts[-1].buffer, np.uint8)
-                if payload.size != frame_bytes:
+                if payload.size != nbytes:
                     wrong += 1
                     continue
                 i = len(arrivals) % frames_held
@@ -101,15 +98,14 @@ def receiver(ports: list[int], frame_bytes: int, frames_held: int, h2d: bool, en
 
 def run_row(k: int, procs: int, dest: str, args) -> dict:
     """K producers into P receivers; GB/s over the middle 80 % of all arrivals."""
-    shape = [int(v) for v in args.frame_shape.split(",")]
-    frame_bytes = math.prod(shape) * DTYPE_BYTES[args.dtype]
+    nbytes = frame_bytes(args)
     ports = [free_port() for _ in range(k)]
     p = max(1, min(procs, k))
     shares = [ports[i::p] for i in range(p)]
     held = 1 if dest == "reuse" else args.ring_frames
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
-    workers = [ctx.Process(target=receiver, args=(share, frame_bytes, held, args.h2d, len(share),
+    workers = [ctx.Process(target=receiver, args=(share, nbytes, held, args.h2d, len(share),
                                                  args.timeout, ready, results), daemon=True)
                for share in shares]
     for w in workers:
@@ -130,8 +126,8 @@ def run_row(k: int, procs: int, dest: str, args) -> dict:
     arrivals = sorted(a for g in got for a in g["arrivals"])
     fps = steady_rate(arrivals)
     return {"producers": k, "processes": p, "dest": dest, "h2d": args.h2d, "frames_held": held,
-            "frame_bytes": frame_bytes, "received": len(arrivals), "sent": k * args.frames,
-            "wrong_size": sum(g["wrong_size"] for g in got), "fps": fps, "gb_s": fps * frame_bytes / 1e9,
+            "frame_bytes": nbytes, "received": len(arrivals), "sent": k * args.frames,
+            "wrong_size": sum(g["wrong_size"] for g in got), "fps": fps, "gb_s": fps * nbytes / 1e9,
             "machine_cores": (busy1 - busy0) / (t1 - t0)}
 
 
@@ -143,7 +139,7 @@ def main() -> None:
     p.add_argument("--ring-frames", type=int, default=8, help="frames per process with --dest ring")
     p.add_argument("--frames", type=int, default=200, help="frames per producer")
     p.add_argument("--frame-shape", default="4,256,256")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--h2d", action="store_true", help="also copy every frame to the GPU (pinned host memory)")
     p.add_argument("--producer-io-threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=30.0, help="s without a message that ends a receiver")
