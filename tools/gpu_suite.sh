@@ -274,22 +274,28 @@ batch1c_steps() {  # one call: every GPU test (a longer limit, with durations), 
     --compile --compile-mode reduce-overhead --producer-io-threads 4
   rm -f "$OUT"/daemon-*.log  # the file count that comes back is limited
 }
+receive_row() {  # name, limit, bench_receive args...: the bare receiver, epix10k2M float32 frames from 8 producers
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 \
+    --frames 2000 "$@"
+}
+ingest_row() {  # name, limit, bench_daemon args...: the daemon's ingest-only row, the same frames and producers
+  local name=$1 limit=$2; shift 2
+  bench_daemon_row "$name" "$limit" --models ingest-only --producers 8 --dtype float32 "$@"
+}
 receive_steps() {  # the bare receiver, then the daemon's ingest-only row, then the receiver again (~300 s)
-  local rx=(python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 --frames 2000)
-  step receive_a 150 "${rx[@]}" --processes 4 --dest reuse,ring --h2d --json "$OUT/receive_a.json"
-  bench_daemon_row ingest_k8 80 --models ingest-only --producers 8 --frames 6000 --dtype float32
-  step receive_b 150 "${rx[@]}" --processes 4 --dest ring --h2d
-  step receive_c 150 "${rx[@]}" --processes 8 --dest ring --h2d
+  receive_row receive_a 150 --processes 4 --dest reuse,ring --h2d --json "$OUT/receive_a.json"
+  ingest_row ingest_k8 80 --frames 6000
+  receive_row receive_b 150 --processes 4 --dest ring --h2d
+  receive_row receive_c 150 --processes 8 --dest ring --h2d
   rm -f "$OUT"/daemon-*.log
 }
 receive2_steps() {  # the GPU tests, then bare receiver and daemon in turn, 4 and 8 receiving processes (~350 s)
   gpu_tests
-  local rx=(python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 --frames 2000
-    --dest ring --h2d)
-  step receive_p4 100 "${rx[@]}" --processes 4
-  bench_daemon_row ingest_p4 80 --models ingest-only --producers 8 --frames 6000 --dtype float32
-  step receive_p8 100 "${rx[@]}" --processes 8
-  bench_daemon_row ingest_p8 80 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
+  receive_row receive_p4 100 --dest ring --h2d --processes 4
+  ingest_row ingest_p4 80 --frames 6000
+  receive_row receive_p8 100 --dest ring --h2d --processes 8
+  ingest_row ingest_p8 80 --frames 6000 --ingest-processes 8
   rm -f "$OUT"/daemon-*.log
 }
 pipeline_check_steps() {  # after a change in pipeline.py: its GPU tests, and the bandwidth test (whose
@@ -301,21 +307,19 @@ pipeline_check_steps() {  # after a change in pipeline.py: its GPU tests, and th
   done
 }
 slot_wait_steps() {  # is the GPU process what holds ingest back? (the slot wait column, ~150 s)
-  bench_daemon_row ingest_p4 75 --models ingest-only --producers 8 --frames 6000 --dtype float32
-  bench_daemon_row ingest_p8 75 --models ingest-only --producers 8 --frames 6000 --dtype float32 --ingest-processes 8
+  ingest_row ingest_p4 75 --frames 6000
+  ingest_row ingest_p8 75 --frames 6000 --ingest-processes 8
   rm -f "$OUT"/daemon-*.log
 }
 buffers_steps() {  # with 8 ingest processes, do more slots in flight (or bigger batches) take the slot wait
                   # away? The bare receiver first, for the machine's own ceiling, then the daemon in its
                   # topology (bind: one socket per producer, as the bare receiver) and the bench's (~330 s)
-  step receive_p8 100 python3 tools/bench_receive.py --frame-shape 16,352,384 --dtype float32 --producers 8 \
-    --frames 2000 --dest ring --h2d --processes 8
-  local row=(--models ingest-only --producers 8 --frames 5000 --dtype float32 --ingest-processes 8 --seconds 1
-    --latency-seconds 2)
-  bench_daemon_row ingest_p8_bind 70 "${row[@]}" --ingest-mode bind
-  bench_daemon_row ingest_p8_b8 70 "${row[@]}" --buffers 8
-  bench_daemon_row ingest_p8_b3 70 "${row[@]}" --buffers 3
-  bench_daemon_row ingest_p8_b8_batch8 70 "${row[@]}" --buffers 8 --batch 8
+  receive_row receive_p8 100 --dest ring --h2d --processes 8
+  local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2)
+  ingest_row ingest_p8_bind 70 "${row[@]}" --ingest-mode bind
+  ingest_row ingest_p8_b8 70 "${row[@]}" --buffers 8
+  ingest_row ingest_p8_b3 70 "${row[@]}" --buffers 3
+  ingest_row ingest_p8_b8_batch8 70 "${row[@]}" --buffers 8 --batch 8
   rm -f "$OUT"/daemon-*.log "$OUT"/*.json  # 5 text files come back; the rows are in them
 }
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
