@@ -109,8 +109,9 @@ def non_finite_frames(batch: torch.Tensor) -> torch.Tensor:
         return bad
     bad = ~torch.isfinite(flat.sum(1, dtype=torch.float32))
     for i in bad.nonzero().flatten().tolist():
-        bad[i] = not bool(torch.isfinite(flat[i]).all())
-        if bad[i]:
+        finite = bool(torch.isfinite(flat[i]).all())
+        bad[i] = not finite
+        if not finite:
             flat[i].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return bad
 
