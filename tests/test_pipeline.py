@@ -315,7 +315,6 @@ def test_stage_labels_are_recorded_while_torch_profiler_runs(finders):
     cfg = make_cfg("classical")
     frames = frames_for("classical", 3)
     with Pipeline(cfg, finder=finders["classical"]) as pipe:
-        run_pipeline(pipe, frames)  # no profiler: nothing records
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             results = run_pipeline(pipe, frames)
     names = {e.key for e in prof.key_averages()}
