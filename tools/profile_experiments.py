@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import yaml
@@ -125,6 +125,16 @@ def run_torch_profiler(cfg: Config, folder: Path, args: argparse.Namespace) -> d
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def _tally(pairs: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
+    """key -> [count, summed duration] of (key, duration) pairs."""
+    out: dict[str, list[float]] = {}
+    for key, dur in pairs:
+        row = out.setdefault(key, [0, 0.0])
+        row[0] += 1
+        row[1] += dur
+    return out
+
+
 def gpu_timeline(trace: dict) -> dict[str, Any]:
     """What a Chrome trace of torch.profiler says about the device's use, so that a run can tell
     "the device is busy all the time" (its own speed is the limit) from "the device waits for
@@ -143,18 +153,10 @@ def gpu_timeline(trace: dict) -> dict[str, Any]:
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     window = end - device[0][0]
-    per_stream: dict[str, list[float]] = {}
-    for start, stop, e in device:
-        key = f"{e.get('cat')}@stream{(e.get('args') or {}).get('stream', '?')}"
-        row = per_stream.setdefault(key, [0, 0.0])
-        row[0] += 1
-        row[1] += stop - start
-    host: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") in ("user_annotation", "cuda_runtime", "cuda_driver"):
-            row = host.setdefault(f"{e['cat']}:{e.get('name')}", [0, 0.0])
-            row[0] += 1
-            row[1] += float(e.get("dur", 0))
+    per_stream = _tally((f"{e.get('cat')}@stream{(e.get('args') or {}).get('stream', '?')}", stop - start)
+                        for start, stop, e in device)
+    host = _tally((f"{e['cat']}:{e.get('name')}", float(e.get("dur", 0))) for e in events
+                  if e.get("cat") in ("user_annotation", "cuda_runtime", "cuda_driver"))
     out.update({
         "window_ms": window / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / window if window else 0.0,
         "gaps_over_50us": sum(1 for g in gaps if g > 50), "gap_ms_over_50us": sum(g for g in gaps if g > 50) / 1e3,
