@@ -170,6 +170,9 @@ class IngestConfig:
     run_end_grace_s: float = _f(10.0, 0.0, doc="after 'end', wait this long for missing frames")
     reject_log_interval_s: float = _f(10.0, 0.0, doc="a rejection reason is logged once per interval")
     processes: int = _f(0, 0, 64, doc="ingest processes per actor; 0 = one per socket, at most 4")
+    streaming_copy_bytes: int = _f(256 * 1024, 0, doc="copies of at least this many bytes bypass the CPU "
+                                                       "caches (glibc's x86 non-temporal threshold, for the "
+                                                       "actors and their ingest processes); 0 = glibc's own")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ copy goes:
   reuse  one frame buffer per process, written again for every frame: it stays in the CPU's
          caches (a receiver written for a quick test usually looks like this);
   ring   --ring-frames frames per process, cycled: a working set as large as the daemon's batch
-         slots (4 processes x 2 slots x 4 frames by default), far beyond any cache.
+         slots (4 processes x 2 slots x 4 frames by default), far beyond any cache;
+  shm    the same ring in POSIX shared memory (with --h2d registered with CUDA), as the
+         daemon's slots are (shm_ring.py).
 
   python tools/bench_receive.py --producers 2 --processes 2 --frames 200      # CPU, quick look
   python tools/bench_receive.py --frame-shape 16,352,384 --producers 8 --processes 4 \
@@ -24,6 +26,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import msgpack
@@ -35,8 +38,8 @@ from bench_daemon import frame_bytes, machine_busy_seconds, producers, steady_ra
 from daemon_process import free_port  # noqa: E402
 from peaknet_daemon.wire import DTYPES  # noqa: E402
 
-def receiver(ports: list[int], nbytes: int, frames_held: int, h2d: bool, ends_expected: int,
-             timeout_s: float, ready: "mp.Queue", results: "mp.Queue") -> None:
+def receiver(ports: list[int], nbytes: int, dest_kind: str, frames_held: int, h2d: bool, ends_expected: int,
+             timeout_s: float, rcvbuf: int, ready: "mp.Queue", results: "mp.Queue") -> None:
     """One receiving process: bind, copy each payload into the next destination frame, count
     arrivals until every producer of its ports said `end` (or nothing came for timeout_s)."""
     ctx = zmq.Context()
@@ -45,19 +48,29 @@ def receiver(ports: list[int], nbytes: int, frames_held: int, h2d: bool, ends_ex
         s = ctx.socket(zmq.PULL)
         s.setsockopt(zmq.RCVHWM, 8)  # as bench_daemon's ingest sockets
         s.setsockopt(zmq.LINGER, 0)
+        if rcvbuf:
+            s.setsockopt(zmq.RCVBUF, rcvbuf)  # the kernel's TCP receive buffer (SO_RCVBUF)
         s.bind(f"tcp://127.0.0.1:{port}")
         socks.append(s)
     poller = zmq.Poller()
     for s in socks:
         poller.register(s, zmq.POLLIN)
+    shm = host = None
+    if dest_kind == "shm":  # as the daemon's batch slots: POSIX shared memory, registered with CUDA
+        shm = shared_memory.SharedMemory(create=True, size=frames_held * nbytes)
+        dest = np.ndarray((frames_held, nbytes), np.uint8, buffer=shm.buf)
     if h2d:
         import torch
-        host = torch.empty((frames_held, nbytes), dtype=torch.uint8, pin_memory=True)
-        dest = host.numpy()
+        if shm is not None:
+            assert torch.cuda.cudart().cudaHostRegister(dest.ctypes.data, dest.nbytes, 0) == 0
+            host = torch.from_numpy(dest)
+        else:
+            host = torch.empty((frames_held, nbytes), dtype=torch.uint8, pin_memory=True)
+            dest = host.numpy()
         device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         stream = torch.cuda.Stream()
         copied: list = [None] * frames_held  # the event of each host frame's last H2D copy
-    else:
+    elif shm is None:
         dest = np.empty((frames_held, nbytes), np.uint8)
     dest[:] = 1  # touch every page before timing
     ready.put(True)
@@ -93,6 +106,11 @@ def receiver(ports: list[int], nbytes: int, frames_held: int, h2d: bool, ends_ex
                 arrivals.append(time.monotonic())
     if h2d:
         stream.synchronize()
+        if shm is not None:
+            torch.cuda.cudart().cudaHostUnregister(dest.ctypes.data)
+    if shm is not None:
+        del dest, host
+        shm.unlink()
     results.put({"arrivals": arrivals, "ends": ends, "wrong_size": wrong})
 
 
@@ -105,8 +123,8 @@ def run_row(k: int, procs: int, dest: str, args) -> dict:
     held = 1 if dest == "reuse" else args.ring_frames
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
-    workers = [ctx.Process(target=receiver, args=(share, nbytes, held, args.h2d, len(share),
-                                                 args.timeout, ready, results), daemon=True)
+    workers = [ctx.Process(target=receiver, args=(share, nbytes, dest, held, args.h2d, len(share),
+                                                 args.timeout, args.rcvbuf, ready, results), daemon=True)
                for share in shares]
     for w in workers:
         w.start()
@@ -135,20 +153,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--producers", default="2", help="K values, comma-separated")
     p.add_argument("--processes", type=int, default=4, help="receiving processes (at most K)")
-    p.add_argument("--dest", default="reuse,ring", help="reuse and/or ring (see above)")
+    p.add_argument("--dest", default="reuse,ring", help="reuse, ring and/or shm (see above)")
     p.add_argument("--ring-frames", type=int, default=8, help="frames per process with --dest ring")
     p.add_argument("--frames", type=int, default=200, help="frames per producer")
     p.add_argument("--frame-shape", default="4,256,256")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--h2d", action="store_true", help="also copy every frame to the GPU (pinned host memory)")
     p.add_argument("--producer-io-threads", type=int, default=1)
+    p.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF of the receiving sockets, bytes (0 = the OS's)")
     p.add_argument("--timeout", type=float, default=30.0, help="s without a message that ends a receiver")
     p.add_argument("--json", default="", help="also write the rows here")
     args = p.parse_args()
     rows = []
     for dest in args.dest.split(","):
-        if dest not in ("reuse", "ring"):
-            p.error(f"--dest: reuse or ring, got {dest!r}")
+        if dest not in ("reuse", "ring", "shm"):
+            p.error(f"--dest: reuse, ring or shm, got {dest!r}")
         for k in (int(v) for v in args.producers.split(",")):
             row = run_row(k, args.processes, dest, args)
             rows.append(row)

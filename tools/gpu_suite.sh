@@ -322,6 +322,40 @@ buffers_steps() {  # with 8 ingest processes, do more slots in flight (or bigger
   ingest_row ingest_p8_b8_batch8 70 "${row[@]}" --buffers 8 --batch 8
   rm -f "$OUT"/daemon-*.log "$OUT"/*.json  # 5 text files come back; the rows are in them
 }
+NT_COPY=glibc.cpu.x86_non_temporal_threshold=0x40000  # glibc's memcpy streams (skips the caches) from 256 KiB
+memcopy_steps() {  # the GPU tests, then what limits the bare receiver on this machine: the socket's receive
+                   # buffer (SO_RCVBUF), or the copy into the ring (streaming stores) (~450 s)
+  gpu_tests
+  python3 -c 'import platform; print("libc", platform.libc_ver())'
+  receive_row rcv_default 60 --dest ring --h2d --processes 8
+  receive_row rcv_16m 60 --dest ring --h2d --processes 8 --rcvbuf 16777216
+  GLIBC_TUNABLES=$NT_COPY receive_row rcv_nt 60 --dest ring --h2d --processes 8
+  receive_row rcv_4m 60 --dest ring --h2d --processes 8 --rcvbuf 4194304
+  local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2 --ingest-mode bind)
+  ingest_row ingest_default 70 "${row[@]}"
+  GLIBC_TUNABLES=$NT_COPY ingest_row ingest_nt 70 "${row[@]}"
+  rm -f "$OUT"/daemon-*.log "$OUT"/*.json
+}
+slots_nt_steps() {  # the daemon with 8 ingest processes on bound sockets: more slots in flight, with and
+                   # without streaming copies, against the bare receiver (~330 s)
+  receive_row rcv_default 60 --dest ring --h2d --processes 8
+  local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2 --ingest-mode bind)
+  ingest_row ingest_b8 70 "${row[@]}" --buffers 8
+  GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b8_nt 70 "${row[@]}" --buffers 8
+  GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b16_nt 70 "${row[@]}" --buffers 16
+  GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b8_nt_batch8 70 "${row[@]}" --buffers 8 --batch 8
+  GLIBC_TUNABLES=$NT_COPY receive_row rcv_nt 60 --dest ring --h2d --processes 8
+  rm -f "$OUT"/daemon-*.log "$OUT"/*.json
+}
+streaming_steps() {  # the GPU tests, then the daemon with its streaming copies (ingest.streaming_copy_bytes,
+                    # on by default) beside the bare receiver doing the same, in a ring and in shared memory (~330 s)
+  gpu_tests
+  GLIBC_TUNABLES=$NT_COPY receive_row rcv_ring_nt 60 --dest ring,shm --h2d --processes 8
+  local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2 --ingest-mode bind --buffers 8)
+  ingest_row ingest_b8 70 "${row[@]}"
+  ingest_row ingest_b8_batch8 70 "${row[@]}" --batch 8
+  rm -f "$OUT"/daemon-*.log "$OUT"/*.json
+}
 small_daemon_steps() {  # peaknet-small (the original architecture) end to end, float32, K = 1, 4, 8 (~130 s)
   bench_daemon_row bench_small_f32 250 --models peaknet-small --producers 1,4,8 --frames 1500 --dtype float32 \
     --compile --compile-mode reduce-overhead --producer-io-threads 4
@@ -371,6 +405,9 @@ case ${1:-} in
   pipeline_check) pipeline_check_steps ;;
   slot_wait) slot_wait_steps ;;
   buffers) buffers_steps ;;
+  memcopy) memcopy_steps ;;
+  slots_nt) slots_nt_steps ;;
+  streaming) streaming_steps ;;
   runtime) runtime_steps ;;
   final) final_steps ;;
   runtime2) runtime2_steps ;;
@@ -383,5 +420,5 @@ case ${1:-} in
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|buffers|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|buffers|memcopy|slots_nt|streaming|small_daemon|stream2" >&2; exit 2 ;;
 esac

@@ -1,0 +1,55 @@
+"""Large copies bypass the CPU caches: an actor and the ingest processes it starts run with
+glibc's non-temporal threshold at `ingest.streaming_copy_bytes` (README, Runtime)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import ray  # noqa: E402
+
+import peaknet_daemon  # noqa: E402
+from peaknet_daemon.actor import glibc_tunables  # noqa: E402
+from peaknet_daemon.config import config_from_dict  # noqa: E402
+
+THRESHOLD = "glibc.cpu.x86_non_temporal_threshold"
+
+
+def cfg(streaming_copy_bytes: int = 262144):
+    return config_from_dict({"ingest": {"streaming_copy_bytes": streaming_copy_bytes}}, "<test>")
+
+
+def test_the_threshold_joins_the_users_tunables_and_never_overrides_theirs():
+    assert glibc_tunables(cfg()) == f"{THRESHOLD}=262144"
+    assert glibc_tunables(cfg(), "glibc.malloc.arena_max=2") == f"glibc.malloc.arena_max=2:{THRESHOLD}=262144"
+    assert glibc_tunables(cfg(), f"{THRESHOLD}=1048576") == f"{THRESHOLD}=1048576"
+    assert glibc_tunables(cfg(0), "glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2"
+    assert glibc_tunables(cfg(0)) == ""
+
+
+def environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_an_actor_and_its_ingest_process_start_with_the_threshold(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    config = {"pipeline": {"frame_shape": [1, 32, 32], "dtype": "float32", "batch_size": 2, "device": "cpu"},
+              "model": {"preset": "classical"},
+              "ingest": {"sockets": [{"endpoint": "tcp://127.0.0.1:1", "mode": "connect"}], "processes": 1,
+                         "streaming_copy_bytes": 524288}}
+    ray.init(num_cpus=1, include_dashboard=False, address="local", log_to_driver=False)
+    try:
+        [actor] = peaknet_daemon.create_pipeline_actors(num_actors=1, config=config, ingest=True)
+        ready = ray.get(actor.ready.remote(), timeout=150)
+        ingest_pid = ray.get(actor.stats.remote(), timeout=30)["workers"]["ingest-0"]["pid"]
+        assert ingest_pid and ingest_pid != ready["pid"]
+        for pid in (ready["pid"], ingest_pid):
+            assert f"GLIBC_TUNABLES={THRESHOLD}=524288".encode() in environ(pid)
+        ray.get(actor.stop.remote(), timeout=60)
+    finally:
+        ray.shutdown()
