@@ -62,7 +62,9 @@ def receiver(ports: list[int], nbytes: int, dest_kind: str, frames_held: int, h2
     if h2d:
         import torch
         if shm is not None:
-            assert torch.cuda.cudart().cudaHostRegister(dest.ctypes.data, dest.nbytes, 0) == 0
+            err = torch.cuda.cudart().cudaHostRegister(dest.ctypes.data, dest.nbytes, 0)
+            if getattr(err, "value", err) != 0:
+                raise RuntimeError(f"cudaHostRegister of the shared ring failed: {err}")
             host = torch.from_numpy(dest)
         else:
             host = torch.empty((frames_held, nbytes), dtype=torch.uint8, pin_memory=True)
@@ -154,7 +156,7 @@ def main() -> None:
     p.add_argument("--producers", default="2", help="K values, comma-separated")
     p.add_argument("--processes", type=int, default=4, help="receiving processes (at most K)")
     p.add_argument("--dest", default="reuse,ring", help="reuse, ring and/or shm (see above)")
-    p.add_argument("--ring-frames", type=int, default=8, help="frames per process with --dest ring")
+    p.add_argument("--ring-frames", type=int, default=8, help="frames per process with --dest ring or shm")
     p.add_argument("--frames", type=int, default=200, help="frames per producer")
     p.add_argument("--frame-shape", default="4,256,256")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
