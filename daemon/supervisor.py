@@ -117,6 +117,10 @@ class Supervisor:
                 info = ray.get(state.handle.ready.remote(), timeout=600)  # includes compile + warm-up
             except ray.exceptions.RayActorError as exc:
                 raise StartupError(f"pipeline actor {state.index} failed to start: {_last_line(exc)}") from None
+            except ray.exceptions.RuntimeEnvSetupError as exc:  # the actor's GLIBC_TUNABLES (actor_options)
+                raise StartupError(f"pipeline actor {state.index}: Ray could not set up its process environment "
+                                   f"(ingest.streaming_copy_bytes: 0 in {self.cfg.source} starts it without one): "
+                                   f"{_last_line(exc)}") from None
             state.alive, state.incarnation = True, info["incarnation"]
             self.accounting.observe([{"index": state.index, "incarnation": info["incarnation"], "runs": [],
                                       "controls": []}], time.monotonic())

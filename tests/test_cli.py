@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -129,11 +130,18 @@ without_gpu = pytest.mark.skipif(bool(check_gpus(GpusConfig(), run_probe=False))
 NO_METRICS = "metrics: {enabled: false}\nlogging: {format: json}\n"
 
 
+def tally_dirs() -> set:
+    """The supervisors' tally folders (supervisor.py: in /dev/shm, else the temp folder)."""
+    return {p for d in ("/dev/shm", tempfile.gettempdir()) for p in Path(d).glob("peaknet-tally-*")}
+
+
 @without_gpu
 def test_no_gpu_without_cpu_fallback_exits_2(tmp_path):
     path = write_yaml(tmp_path, "gpus: {cpu_fallback: false}\n" + NO_METRICS)
+    before = tally_dirs()
     out = daemon("--config", str(path))
     assert out.returncode == 2, out.stderr
+    assert tally_dirs() <= before  # a failed start leaves no tally folder behind
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("peaknet-daemon: no healthy GPU found")
     assert "gpus.cpu_fallback is false" in last and str(path) in last

@@ -4,6 +4,7 @@ glibc's non-temporal threshold at `ingest.streaming_copy_bytes` (README, Runtime
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,27 @@ def test_an_actor_and_its_ingest_process_start_with_the_threshold(monkeypatch):
         ray.get(actor.stop.remote(), timeout=60)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_an_environment_ray_cannot_set_up_is_a_startup_error_naming_the_key(monkeypatch):
+    from peaknet_daemon import supervisor as sup
+    real = sup.actor_options
+
+    def failing(*args, **kwargs):  # injected: an environment whose setup fails in Ray's agent
+        options = real(*args, **kwargs)
+        options["runtime_env"] = {"conda": "no-such-env"}
+        return options
+
+    monkeypatch.setattr(sup, "actor_options", failing)
+    monkeypatch.setattr(sup, "check_gpus", lambda cfg: [])  # no GPU: the CPU fallback
+    cfg = config_from_dict({"pipeline": {"frame_shape": [1, 32, 32], "device": "cpu"},
+                            "model": {"preset": "classical"}, "ray": {"num_cpus": 1}}, "daemon.yaml")
+    supervisor = sup.Supervisor(cfg)
+    try:
+        with pytest.raises(sup.StartupError, match=r"pipeline actor 0: Ray could not set up .*"
+                                                   r"ingest.streaming_copy_bytes: 0 in daemon.yaml"):
+            supervisor.start()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(supervisor.tally_dir, ignore_errors=True)
