@@ -25,13 +25,27 @@ import msgpack
 import yaml
 import zmq
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from daemon_process import free_port  # noqa: E402  (one choice of ports for tests and tools)
+
 SMALL_SHAPE = [2, 64, 64]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def events_in(line: str) -> list[dict]:
+    """The JSON log events in one line of the daemon's stderr. Actors' lines arrive through Ray,
+    prefixed with "(PipelineActor pid=...)", and Ray prints a line and its newline in two
+    writes: a supervisor line written between them shares the line (seen in CI)."""
+    decoder, events, i = json.JSONDecoder(), [], line.find("{")
+    while i >= 0:
+        try:
+            event, end = decoder.raw_decode(line, i)
+        except ValueError:
+            i = line.find("{", i + 1)
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+        i = line.find("{", end)
+    return events
 
 
 def free_port_pair() -> int:
@@ -89,12 +103,7 @@ class Daemon:
         for line in self.proc.stderr:
             with self._cond:
                 self.lines.append(line)
-                try:  # actors' lines arrive through Ray prefixed with "(PipelineActor pid=...)"
-                    event = json.loads(line[line.index("{"):])
-                except ValueError:
-                    event = None
-                if isinstance(event, dict):
-                    self.events.append(event)
+                self.events.extend(events_in(line))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()

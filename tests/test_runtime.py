@@ -247,7 +247,8 @@ def test_stop_drains_the_sockets_queues_and_accounts_for_every_message(tmp_path,
     try:
         pusher.send(frames)
         pusher.sock.send_multipart([b"not a header"])
-        wait_stats(worker, lambda s: s["frames_in"] >= 8)  # flowing; the rest is queued in the sockets
+        wait_stats(worker, lambda s: s["frames_in"] >= 8)  # flowing
+        pusher.close(linger_ms=10_000)  # every message has left the producer: the rest is in the worker's socket
         final = worker.stop()
     finally:
         pusher.close()

@@ -81,8 +81,12 @@ class Pusher:
         for i, frame in enumerate(frames):
             self.sock.send_multipart(encode_frame(frame, source, first_seq + i, run=run))
 
-    def close(self) -> None:
-        self.sock.close()
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with `linger_ms`, first wait (that long at most) until every message sent has
+        left for the worker."""
+        if self.ctx.closed:
+            return
+        self.sock.close(linger=linger_ms)
         self.ctx.term()
 
 

@@ -3,17 +3,39 @@ for the daemon's /readyz."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
 import urllib.request
 
 
+PORTS = (20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's ephemeral range
+
+
+def ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports (outgoing connections, bind to port 0) begin."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return PORTS[1]
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free right now, and that nothing takes by itself before
+    the caller binds it: it lies outside the kernel's ephemeral range, where the daemon's Ray
+    processes open their many connections (one of them once held a test's port), and outside
+    Ray's worker ports."""
+    top = min(PORTS[1], ephemeral_start())
+    for _ in range(1000):
+        port = random.randrange(PORTS[0], top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {PORTS[0]}-{top - 1}")
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
