@@ -54,7 +54,7 @@ import numpy as np
 import yaml
 import zmq
 
-from daemon_process import free_port, wait_ready
+from daemon_process import free_port, scrape_metrics, wait_ready
 
 
 def model_section(model: str, checkpoint: str) -> dict:
@@ -218,13 +218,9 @@ def metric_total(port: int, name: str) -> float:
     """One counter of the daemon's /metrics (0 when absent or unreadable). The supervisor
     refreshes it every metrics.interval_s (1 s here), so a difference over a window is close."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+        return scrape_metrics(port).get(name, 0.0)
     except OSError:
-        pass
-    return 0.0
+        return 0.0
 
 
 SLOT_WAIT = "peaknet_ingest_slot_wait_milliseconds_total"

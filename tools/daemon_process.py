@@ -4,10 +4,12 @@ for the daemon's /readyz."""
 from __future__ import annotations
 
 import random
+import re
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 
 PORTS = (20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's ephemeral range
@@ -16,7 +18,7 @@ PORTS = (20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's 
 def ephemeral_start() -> int:
     """Where the kernel's ephemeral ports (outgoing connections, bind to port 0) begin."""
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return PORTS[1]
 
@@ -36,6 +38,18 @@ def free_port() -> int:
                 continue
             return port
     raise OSError(f"no free port in {PORTS[0]}-{top - 1}")
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The daemon's /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+\d.eEinfNa]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:

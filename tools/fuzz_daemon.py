@@ -36,7 +36,7 @@ import yaml
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon_process import free_port, wait_ready  # noqa: E402
+from daemon_process import free_port, scrape_metrics, wait_ready  # noqa: E402
 
 from peaknet_daemon.wire import encode_control, encode_frame  # noqa: E402
 
@@ -185,17 +185,6 @@ def daemon_config(pk: int, npz_port: int, results: int, metrics: int, run_end_gr
     }
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+\d.eEinfNa]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
 def rejected(values: dict[str, float]) -> Counter:
     out = Counter()
     for key, v in values.items():
@@ -290,7 +279,7 @@ class Fuzz:
         deadline = time.monotonic() + timeout
         while True:
             self.drain(200)
-            values = scrape(self.ports["metrics"])
+            values = scrape_metrics(self.ports["metrics"])
             if done(values):
                 return values
             if time.monotonic() > deadline:
