@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -66,7 +65,6 @@ def run(cfg: Config) -> int:
     except StartupError as exc:
         log.error("startup_failed", error=str(exc))
         print(f"peaknet-daemon: {exc}", file=sys.stderr)
-        shutil.rmtree(supervisor.tally_dir, ignore_errors=True)  # nothing was counted yet
         return 2
     except Exception as exc:
         log.exception("daemon_failed", error=str(exc))

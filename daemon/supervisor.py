@@ -96,6 +96,14 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
+        """Start Ray and the actors; a StartupError leaves nothing of this supervisor behind."""
+        try:
+            self._start()
+        except StartupError:
+            shutil.rmtree(self.tally_dir, ignore_errors=True)  # nothing was counted yet
+            raise
+
+    def _start(self) -> None:
         for warning in exposure_warnings(self.cfg):  # issue 11: open non-loopback binds
             log.warning("insecure_endpoint", detail=warning)
         use_gpu, placements = self._plan_actors()

@@ -75,6 +75,7 @@ def test_an_environment_ray_cannot_set_up_is_a_startup_error_naming_the_key(monk
         with pytest.raises(sup.StartupError, match=r"pipeline actor 0: Ray could not set up .*"
                                                    r"ingest.streaming_copy_bytes: 0 in daemon.yaml"):
             supervisor.start()
+        assert not Path(supervisor.tally_dir).exists()  # a failed start leaves nothing behind
     finally:
         ray.shutdown()
         shutil.rmtree(supervisor.tally_dir, ignore_errors=True)
