@@ -82,7 +82,8 @@ def daemon_config(model: str, args, ports: list[int], results: str, metrics_port
         "ray": {"num_cpus": max(2, min(len(ports), 4) + 1), "max_restarts": 0},  # a crash ends the bench
         "gpus": {"cpu_fallback": not args.gpu, "cpu_actors": 1, "max_actors": args.gpus},
         "ingest": {"sockets": [{**s, "format": args.format} for s in ingest_sockets(ports, args)],
-                   "processes": args.ingest_processes},
+                   "processes": args.ingest_processes,
+                   **({} if args.streaming_copy_bytes is None else {"streaming_copy_bytes": args.streaming_copy_bytes})},
         "output": {"results_endpoint": results, "results_mode": "push", "results_bind": False,
                    "hit_threshold": args.hit_threshold, "cxi_dir": ""},
         "metrics": {"port": metrics_port, "interval_s": 1.0},
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="random", choices=("random", "bragg"),
                    help="random integers/normals, or simulated Bragg frames (a detector's compression ratio)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--streaming-copy-bytes", type=int, default=None,
+                   help="ingest.streaming_copy_bytes (default: the daemon's; 0 = copies through the caches, "
+                        "as before it existed)")
     p.add_argument("--buffers", type=int, default=3,
                    help="pipeline.buffers: batch slots beyond the 2 each ingest process holds")
     p.add_argument("--max-delay-ms", type=float, default=20)

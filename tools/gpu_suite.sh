@@ -332,7 +332,7 @@ memcopy_steps() {  # the GPU tests, then what limits the bare receiver on this m
   GLIBC_TUNABLES=$NT_COPY receive_row rcv_nt 60 --dest ring --h2d --processes 8
   receive_row rcv_4m 60 --dest ring --h2d --processes 8 --rcvbuf 4194304
   local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2 --ingest-mode bind)
-  ingest_row ingest_default 70 "${row[@]}"
+  ingest_row ingest_default 70 "${row[@]}" --streaming-copy-bytes 0  # as it ran before the daemon streamed by default
   GLIBC_TUNABLES=$NT_COPY ingest_row ingest_nt 70 "${row[@]}"
   rm -f "$OUT"/daemon-*.log "$OUT"/*.json
 }
@@ -340,7 +340,7 @@ slots_nt_steps() {  # the daemon with 8 ingest processes on bound sockets: more 
                    # without streaming copies, against the bare receiver (~330 s)
   receive_row rcv_default 60 --dest ring --h2d --processes 8
   local row=(--frames 5000 --ingest-processes 8 --seconds 1 --latency-seconds 2 --ingest-mode bind)
-  ingest_row ingest_b8 70 "${row[@]}" --buffers 8
+  ingest_row ingest_b8 70 "${row[@]}" --buffers 8 --streaming-copy-bytes 0  # as it ran before the default
   GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b8_nt 70 "${row[@]}" --buffers 8
   GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b16_nt 70 "${row[@]}" --buffers 16
   GLIBC_TUNABLES=$NT_COPY ingest_row ingest_b8_nt_batch8 70 "${row[@]}" --buffers 8 --batch 8
