@@ -6,11 +6,13 @@ loggers (Ray, urllib3, ...) go through the same processors so every line has one
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterable, Mapping, TextIO
 
 import structlog
 
@@ -19,9 +21,12 @@ from .config import LoggingConfig
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def _is_console(fmt: str, stream: TextIO) -> bool:
+    return fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
+
+
 def _renderer(fmt: str, stream: TextIO) -> Any:
-    console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
-    if console:
+    if _is_console(fmt, stream):
         return structlog.dev.ConsoleRenderer(colors=False)
     return structlog.processors.JSONRenderer()
 
@@ -74,6 +79,79 @@ def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class WorkerLogWriter:
+    """Writes the output Ray forwards from actor processes as whole JSON lines, one write per
+    batch under the log handler's lock.
+
+    Why: Ray's own printer prefixes each line with "(PipelineActor pid=N)" and writes a line and
+    its newline in two calls, so a supervisor event written between them lands on the same line:
+    a log shipper then gets neither event. Here an actor's line that is a JSON object (every
+    structlog event) passes unchanged; anything else (a traceback, a library's print) becomes an
+    event of its own, `worker_output`, with the line, the process id and the actor's name.
+    Ray's de-duplication of repeated lines is not applied: every line is kept."""
+
+    def __init__(self, handler: logging.Handler, clock: Callable[[], float] = time.time,
+                 autoscaler_events: Callable[[list[str]], Iterable[str]] = lambda lines: ()):
+        self.handler = handler
+        self._clock = clock
+        self._autoscaler_events = autoscaler_events
+
+    def __call__(self, data: Mapping[str, Any]) -> None:
+        lines = data.get("lines", ())
+        if data.get("pid") == "autoscaler":  # its status report every few seconds: only its events
+            lines = self._autoscaler_events(list(lines))
+        out = [self._line(line, data) for line in lines if line.strip()]
+        if not out:
+            return
+        stream = getattr(self.handler, "stream", None) or sys.stderr
+        self.handler.acquire()
+        try:
+            stream.write("".join(out))
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream: the daemon is going down, nothing to do
+            pass
+        finally:
+            self.handler.release()
+
+    def _line(self, line: str, data: Mapping[str, Any]) -> str:
+        text = line.rstrip("\r\n")
+        if text.startswith("{") and text.endswith("}"):
+            try:
+                if isinstance(json.loads(text), dict):
+                    return text + "\n"
+            except ValueError:
+                pass
+        stamp = datetime.datetime.fromtimestamp(self._clock(), datetime.timezone.utc).isoformat()
+        event = {"event": "worker_output", "line": text, "pid": data.get("pid"),
+                 "actor": data.get("actor_name") or data.get("task_name") or None,
+                 "stream": "stderr" if data.get("is_err") else "stdout", "level": "info",
+                 "logger": "ray.worker", "timestamp": stamp.replace("+00:00", "Z")}
+        return json.dumps(event) + "\n"
+
+
+def route_worker_logs(cfg: LoggingConfig) -> bool:
+    """After `ray.init`: print what Ray forwards from worker processes through `WorkerLogWriter`,
+    when the logs are JSON (a console keeps Ray's own "(PipelineActor pid=N)" lines). Uses Ray's
+    stream dispatcher (`ray._private.worker`, Ray 2.x); returns False and changes nothing when
+    that is not there or Ray forwards nothing (`log_to_driver` off)."""
+    root = logging.getLogger()
+    if not root.handlers or _is_console(cfg.format, getattr(root.handlers[0], "stream", None) or sys.stderr):
+        return False
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        names = [name for name, _ in dispatcher.handlers]
+    except (ImportError, AttributeError):
+        return False
+    if "ray_print_logs" not in names:
+        return False
+    dispatcher.remove_handler("ray_print_logs")
+    events = getattr(ray_worker, "filter_autoscaler_events", lambda lines: ())
+    dispatcher.add_handler("ray_print_logs", WorkerLogWriter(root.handlers[0], autoscaler_events=events))
+    return True
 
 
 def get_logger(name: str) -> Any:

@@ -26,7 +26,7 @@ from .accounting import Accounting, merge_sent, read_tally_file
 from .actor import PipelineActor, actor_options
 from .config import Config
 from .gpu_health import check_gpus, check_node_task, format_table, healthy_visible_devices
-from .log import RateLimitedLog, get_logger
+from .log import RateLimitedLog, get_logger, route_worker_logs
 from .metrics import Metrics
 from .monitor import PREFIX as MONITOR_PREFIX, MonitorState, gpu_readings, monitor_app
 from .sdnotify import SdNotifier
@@ -150,11 +150,13 @@ class Supervisor:
             if cfg.ray.num_cpus:
                 kwargs["num_cpus"] = cfg.ray.num_cpus
             ray.init(**kwargs)
+            route_worker_logs(cfg.logging)
             count = n_gpus if n_gpus else cfg.gpus.cpu_actors
             if n_gpus and cfg.gpus.max_actors:
                 count = min(count, cfg.gpus.max_actors)
             return bool(n_gpus), [""] * count
         ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace)
+        route_worker_logs(cfg.logging)
         return self._cluster_placements()
 
     def _local_gpus(self) -> int:

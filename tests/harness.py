@@ -32,9 +32,10 @@ SMALL_SHAPE = [2, 64, 64]
 
 
 def events_in(line: str) -> list[dict]:
-    """The JSON log events in one line of the daemon's stderr. Actors' lines arrive through Ray,
-    prefixed with "(PipelineActor pid=...)", and Ray prints a line and its newline in two
-    writes: a supervisor line written between them shares the line (seen in CI)."""
+    """The JSON log events in one line of the daemon's stderr. With JSON logs every line is one
+    event (daemon/log.py's WorkerLogWriter prints the actors' lines); a console-format run keeps
+    Ray's "(PipelineActor pid=...)" prefix, and Ray prints a line and its newline in two writes,
+    so a supervisor line can share an actor's line there."""
     decoder, events, i = json.JSONDecoder(), [], line.find("{")
     while i >= 0:
         try:
