@@ -84,7 +84,7 @@ def _spot_family(seed: int = 0) -> evaluate.Family:
     from peaknet_producers.bragg import SimFrame
 
     rng = np.random.default_rng(seed)
-    frames, truths = [], []
+    frames = []
     shape = (2, 64, 80)
     for _ in range(2):
         exp = np.full(shape, 4.0)
@@ -138,7 +138,7 @@ def test_train_resumes_from_its_own_checkpoint(tmp_path):
     out = tmp_path / "atto.safetensors"
     common = ["--preset", "peaknet-atto", "--device", "cpu", "--crop", "32", "32", "--panels-per-sim", "2",
               "--batch", "2", "--pool", "8", "--workers", "0", "--val-frames", "2", "--val-every", "1000",
-              "--log-every", "1", "--minutes", "3", "--out", str(out)]
+              "--log-every", "1", "--minutes", "3", "--sample-frames", "1", "--out", str(out)]
     torch.manual_seed(0)
     assert train.main(common + ["--max-steps", "2"]) == 0
     ckpt = train.load_resume(train.resume_path(out))
@@ -154,6 +154,50 @@ def test_train_resumes_from_its_own_checkpoint(tmp_path):
     assert [r["start_step"] for r in log["runs"]] == [0, 2] and [r["end_step"] for r in log["runs"]] == [2, 5]
     assert [r["step"] for r in log["steps"]] == [1, 2, 3, 4, 5]
     assert "threshold" in log["best"] and log["best"]["steps"] == 5
+    assert 0.0 <= log["best"]["sample_precision"] <= 1.0  # the sweep counted the sample run too
     # the weights changed in the second run, and evaluate.py reads the recommended operating point
     assert not all(torch.equal(ckpt["model"][k], again["model"][k]) for k in ckpt["model"])
     assert evaluate.recommended(out)["threshold"] == log["best"]["threshold"]
+
+
+# ------------------------------------------------------------------------------------------------
+# bench_train.py: the step benchmark
+# ------------------------------------------------------------------------------------------------
+
+def test_bench_train_times_real_training_steps(tmp_path):
+    import bench_train
+
+    row = bench_train.time_steps("peaknet-atto", 2, "eager", 3, torch.device("cpu"), h=32, w=32)
+    assert row["steps"] == 3 and row["panels_per_s"] > 0 and row["ms_per_step"] > 0
+    assert math.isfinite(row["loss"])
+    out = tmp_path / "rows.json"
+    assert bench_train.main(["--device", "cpu", "--presets", "peaknet-atto", "--batches", "2",
+                             "--modes", "eager,no-such-mode", "--steps", "1", "--size", "32", "32",
+                             "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["mode"] == "eager" and rows[0]["steps"] == 1
+    assert "no-such-mode" in rows[1]["error"]  # a failing mode is reported, the run goes on
+
+
+def test_operating_point_keeps_the_sample_run_precise():
+    """The sweep's pick: the best validation score among thresholds that keep precision >= 0.97
+    on the sample run; without the sample run, the best score outright."""
+    def summary(precision: float, recall: float) -> dict:
+        return {"overall": {"precision": precision}, "cumulative": {">=3": {"recall": recall}}}
+
+    sweep = {(0.5, 1): summary(0.97, 0.95), (0.8, 1): summary(0.99, 0.90)}
+    sample = {(0.5, 1): summary(0.94, 0.95), (0.8, 1): summary(0.98, 0.93)}
+    assert train.pick_operating_point(sweep, None) == (0.5, 1)
+    assert train.pick_operating_point(sweep, sample) == (0.8, 1)
+    nowhere = {k: summary(0.9, 0.9) for k in sample}
+    assert train.pick_operating_point(sweep, nowhere) == (0.5, 1)  # none keeps it: best score
+
+
+def test_sample_run_valset_holds_its_truth():
+    val = train.sample_run_valset(2, torch.device("cpu"))
+    assert val.images.shape == (32, 1, 352, 384)  # two epix10k2M frames of 16 panels
+    from peaknet_producers import sample
+    from peaknet_producers.truth import read_truth
+
+    truth = read_truth(sample.SAMPLE_TRUTH)
+    assert sum(len(t) for t in val.truths) == truth[0]["n_peaks"] + truth[1]["n_peaks"]

@@ -15,6 +15,8 @@
 #   tools/gpu_suite.sh train      # tools/train.py --minutes 6 --resume, then evaluate.py (~370+80 s);
 #                                 # PRESET (peaknet-atto), TRAIN_MINUTES (6), TRAIN_DIR (runs/train:
 #                                 # git-ignored, kept on a warm device, so the next call resumes there)
+#   tools/gpu_suite.sh train_speed  # tools/bench_train.py (atto and small, compile default vs reduce-overhead),
+#                                 # then a fine-tune of atto with the fastest setting (~330+250 s)
 #   tools/gpu_suite.sh monitor    # bench_daemon peaknet-atto K=1, live page off/on/off/on (~300 s)
 #   tools/gpu_suite.sh tests_monitor  # the GPU tests, then the monitor stage (~500 s)
 #   tools/gpu_suite.sh session_a  # GPU tests, peaknet-atto float32 K=1..8 with 4-thread producers,
@@ -159,6 +161,29 @@ train_steps() {  # train (resumable) for TRAIN_MINUTES (6), then score the weigh
   step eval 130 python3 tools/evaluate.py --families lattice,heldout-jungfrau-diffuse,bragg --detector 4,352,384 \
     --frames 16 --val-frames 6 --finders "$preset,classical,om" --weights "$preset=$OUT/$preset.safetensors" \
     --json "$OUT/eval.json"
+}
+train_speed_steps() {  # one call: training steps per second (tools/bench_train.py) for atto and small in
+                      # torch.compile's default and reduce-overhead (CUDA graph) modes, then the first
+                      # part of a fine-tune of the shipped atto with the fastest atto setting (TRAIN_MINUTES,
+                      # default 3; the settings it picked are printed as TRAIN_ARGS for the next calls)
+  step bench_train_atto 180 python3 tools/bench_train.py --presets peaknet-atto --batches 32,128 \
+    --modes default,reduce-overhead --steps 20 --json "$OUT/bench_train_atto.json"
+  step bench_train_small 130 python3 tools/bench_train.py --presets peaknet-small --batches 32,64 \
+    --modes reduce-overhead --steps 10 --json "$OUT/bench_train_small.json"
+  local pick
+  pick=$(python3 - "$OUT/bench_train_atto.json" <<'PY'
+import json, math, sys
+try:
+    rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "error" not in r]
+except (OSError, ValueError):
+    rows = []
+best = max(rows, key=lambda r: r["panels_per_s"]) if rows else {"mode": "default", "batch": 32}
+lr = 5e-4 * math.sqrt(best["batch"] / 32)  # AdamW: the square root of the batch ratio
+print(f"--compile-mode {best['mode']} --batch {best['batch']} --lr {lr:.2g}")
+PY
+)
+  echo "TRAIN_ARGS picked: $pick"
+  TRAIN_MINUTES=${TRAIN_MINUTES:-3} EVAL=0 TRAIN_ARGS="$pick ${TRAIN_ARGS:-}" train_steps
 }
 session_c_steps() {  # one call: the first part of a fine-tuning of the shipped atto on diffraction-like
                     # frames (TRAIN_MINUTES, default 5), then the CUDA-graph test of the original
@@ -416,9 +441,10 @@ case ${1:-} in
   daemon) daemon_steps ;;
   all) pipeline_steps; daemon_steps 300 ;;  # ~20+10+40+120+250 s: one call, one machine start
   train) train_steps ;;
+  train_speed) train_speed_steps ;;
   monitor) monitor_steps ;;
   tests_monitor) gpu_tests; monitor_steps ;;  # ~200 + 300 s
   session_a) session_a_steps ;;
   stream2) stream2_steps ;;
-  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|buffers|memcopy|slots_nt|streaming|small_daemon|stream2" >&2; exit 2 ;;
+  *) echo "usage: $0 pipeline|small|daemon|all|runtime|final|runtime2|train|train_speed|monitor|tests_monitor|session_a|session_b|session_c|session_d|atto_rows|small_rows|idle_rule|receive|receive2|pipeline_check|slot_wait|buffers|memcopy|slots_nt|streaming|small_daemon|stream2" >&2; exit 2 ;;
 esac
