@@ -205,6 +205,28 @@ def ewald_reflections(recip: np.ndarray, wavelength: float, s_max: float, tolera
     return hkl[keep], err[keep]
 
 
+class _Placed:
+    """Truth peaks placed so far, bucketed by `radius`-sized cells: whether a new one lies within
+    `radius` of one looks at 9 cells, not at every peak (a frame can hold thousands)."""
+
+    def __init__(self, radius: float):
+        self.radius = float(radius)
+        self.cells: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
+
+    def _cell(self, y: float, x: float) -> tuple[int, int]:
+        return math.floor(y / self.radius), math.floor(x / self.radius)
+
+    def near(self, panel: int, y: float, x: float) -> bool:
+        cy, cx = self._cell(y, x)
+        r2 = self.radius ** 2
+        return any((qy - y) ** 2 + (qx - x) ** 2 < r2
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   for qy, qx in self.cells.get((panel, cy + dy, cx + dx), ()))
+
+    def add(self, panel: int, y: float, x: float) -> None:
+        self.cells.setdefault((panel, *self._cell(y, x)), []).append((y, x))
+
+
 class DiffractionSimulator:
     """Frames of one DiffractionConfig; `simulate(seq)` is deterministic per (seed, seq)."""
 
@@ -321,6 +343,13 @@ class DiffractionSimulator:
     # -- frame -------------------------------------------------------------------------------
     def simulate(self, seq: int) -> SimFrame:
         """One frame with truth (see the module doc)."""
+        return self.simulate_draws(seq, 1)[0]
+
+    def simulate_draws(self, seq: int, draws: int) -> list[SimFrame]:
+        """`draws` frames of one expectation (crystal, orientation, background): the same truth,
+        mask and meta, independent photon and readout noise. Why: the expectation costs about
+        three times the noise, and a trainer that sees each panel many times learns its noise;
+        several draws give it more distinct panels per second. The first is `simulate(seq)`."""
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, int(seq) + 1])
         energy = cfg.photon_energy_ev * (1 + rng.normal(0.0, 5e-4))
@@ -344,14 +373,16 @@ class DiffractionSimulator:
             refl["photons"] = refl["photons"] * rng.exponential(1.0, size=n)  # Wilson |F|^2
             meta.update(cell=crystal["cell"], n_reflections=int(n))
             self._draw(rng, refl, crystal, expected, noise_var, mask, cols, ign)
-        counts = rng.poisson(expected).astype(np.float64)
-        data = self._record(rng, counts)
         peaks = {"panel": np.asarray(cols["panel"], np.int32),
                  **{k: np.asarray(cols[k], np.float64) for k in ("y", "x", "intensity", "snr")}}
         ignore = {"panel": np.asarray(ign["panel"], np.int32),
                   **{k: np.asarray(ign[k], np.float64) for k in ("y", "x", "snr")}}
         meta.update(hit=hit, n_peaks=int(len(peaks["y"])), n_ignored=int(len(ignore["y"])))
-        return SimFrame(data=data, peaks=peaks, mask=mask, meta=meta, ignore=ignore)
+        frames = []
+        for _ in range(max(1, int(draws))):
+            data = self._record(rng, rng.poisson(expected).astype(np.float64))
+            frames.append(SimFrame(data=data, peaks=peaks, mask=mask, meta=dict(meta), ignore=ignore))
+        return frames
 
     def _step_photons(self) -> np.ndarray | float:
         """Quantisation step (photons) of the recorded gain stage, per pixel or for the frame."""
@@ -368,7 +399,7 @@ class DiffractionSimulator:
         sigma0, elong = crystal["sigma"], crystal["elong"]
         r_max = float(self.geom.radius_px.max())
         order = np.argsort(-refl["photons"])
-        placed: list[tuple[int, float, float]] = []
+        placed = _Placed(cfg.merge_px)
         for j in order:
             panel, y, x = int(refl["panel"][j]), float(refl["y"][j]), float(refl["x"][j])
             oy, ox = self.geom.origin[panel]
@@ -394,7 +425,7 @@ class DiffractionSimulator:
             peak = float(sig[k])
             snr = peak / noise
             edge = min(y, x, h - 1 - y, w - 1 - x) < 1.0
-            near = any(q == panel and (qy - y) ** 2 + (qx - x) ** 2 < cfg.merge_px ** 2 for q, qy, qx in placed)
+            near = placed.near(panel, y, x)
             good = (snr >= cfg.label_snr and peak >= cfg.min_photons and not edge and not near
                     and not self.bad[panel, iy, ix])
             dest = cols if good else ign
@@ -406,7 +437,7 @@ class DiffractionSimulator:
                     self.on_peak(snr, sig, noise_var[panel, y0:y1, x0:x1])
                 win = np.sqrt(noise_var[panel, y0:y1, x0:x1])
                 mask[panel, y0:y1, x0:x1] |= (sig >= win) | ((u / s_rad) ** 2 + (v / sigma0) ** 2 <= 1.0)
-                placed.append((panel, y, x))
+                placed.add(panel, y, x)
 
     def _record(self, rng: np.random.Generator, counts: np.ndarray) -> np.ndarray:
         """Photons to the detector's output: gain stage, noise, gain error, defects, dtype."""

@@ -87,6 +87,33 @@ def test_frames_have_truth_ignore_hot_and_dead_pixels():
     assert f32.data.dtype == np.float32 and (f32.data < 0).any()  # readout noise below zero survives
 
 
+def test_noise_draws_share_the_expectation_not_the_noise():
+    sim = DiffractionSimulator(DiffractionConfig(**SMALL, dtype="float32"), seed=2)
+    first, second, third = sim.simulate_draws(0, 3)
+    assert first.data.tobytes() == sim.simulate(0).data.tobytes()  # the first draw is simulate()
+    for other in (second, third):
+        assert np.array_equal(other.peaks["y"], first.peaks["y"]) and np.array_equal(other.mask, first.mask)
+        assert other.meta == first.meta and other.meta is not first.meta
+        assert not np.array_equal(other.data, first.data)
+    # the same expectation: the draws differ by noise alone, about sqrt(2) of one frame's spread
+    diff = (second.data - first.data).astype(np.float64)
+    assert abs(diff.mean()) < 0.05 * diff.std()
+
+
+def test_placed_peaks_find_their_neighbours_as_a_full_search_does():
+    from peaknet_producers.diffraction import _Placed
+
+    rng = np.random.default_rng(0)
+    placed, points = _Placed(3.0), []
+    for panel, y, x in zip(rng.integers(0, 2, 3000), rng.uniform(0, 60, 3000), rng.uniform(0, 60, 3000)):
+        full = any(q == panel and (qy - y) ** 2 + (qx - x) ** 2 < 9.0 for q, qy, qx in points)
+        assert placed.near(int(panel), float(y), float(x)) == full
+        if not full:
+            placed.add(int(panel), float(y), float(x))
+            points.append((panel, y, x))
+    assert 50 < len(points) < 3000
+
+
 def test_non_hits_have_no_peaks():
     f = DiffractionSimulator(DiffractionConfig(**{**SMALL, "hit_fraction": 0.0}), seed=0).simulate(3)
     assert not f.meta["hit"] and len(f.peaks["y"]) == 0 and not f.mask.any()

@@ -179,6 +179,16 @@ def test_bench_train_times_real_training_steps(tmp_path):
     assert "no-such-mode" in rows[1]["error"]  # a failing mode is reported, the run goes on
 
 
+def test_bench_train_data_side_counts_panels(tmp_path):
+    import bench_train
+
+    out = tmp_path / "data.json"
+    assert bench_train.main(["--data-draws", "1,3", "--data-seconds", "0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["data"]
+    assert [r["noise_draws"] for r in rows] == [1, 3]
+    assert all(r["panels"] >= 4 and r["panels_per_s"] > 0 for r in rows)
+
+
 def test_operating_point_keeps_the_sample_run_precise():
     """The sweep's pick: the best validation score among thresholds that keep precision >= 0.97
     on the sample run; without the sample run, the best score outright."""
@@ -201,3 +211,10 @@ def test_sample_run_valset_holds_its_truth():
 
     truth = read_truth(sample.SAMPLE_TRUTH)
     assert sum(len(t) for t in val.truths) == truth[0]["n_peaks"] + truth[1]["n_peaks"]
+
+
+def test_sim_panels_repeat_an_expectation_with_new_noise():
+    it = iter(train.SimPanels((2, 64, 64), 5, (2.0, 40.0), frames_per_config=1, bragg_fraction=0.0, noise_draws=2))
+    (x1, y1), (x2, y2), (x3, y3) = next(it), next(it), next(it)
+    assert torch.equal(y1, y2) and not torch.equal(x1, x2)  # one expectation, two noise draws
+    assert x3.shape == x1.shape  # then the next config

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""How fast one training step of tools/train.py runs, per preset, batch and torch.compile mode.
+"""How fast one training step of tools/train.py runs, per preset, batch and torch.compile mode,
+and how fast one of its data workers makes panels.
 
 Why: training is a budget of GPU minutes, so panels per second decide how much a run learns.
 A step is the loop's own work (instance normalisation, forward under bf16 autocast, focal + Dice
@@ -9,6 +10,7 @@ Every configuration runs in this one process, so their ratios compare on a noisy
 
     python3 tools/bench_train.py --presets peaknet-atto --batches 32,128 --modes default,reduce-overhead
     python3 tools/bench_train.py --device cpu --presets peaknet-atto --batches 2 --modes eager --steps 3
+    python3 tools/bench_train.py --data-draws 1,4 --data-seconds 30     # the data side: one worker
 """
 
 from __future__ import annotations
@@ -86,6 +88,21 @@ def time_steps(preset: str, batch: int, mode: str, steps: int, device: torch.dev
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if gpu else None}
 
 
+def data_rate(draws: int, seconds: float, shape: tuple[int, int, int] = (4, 352, 384), seed: int = 3) -> dict[str, Any]:
+    """Panels per second that one data worker of train.py makes (this process, one thread), with
+    `draws` noise draws per simulated diffraction expectation."""
+    from train import SimPanels
+
+    torch.set_num_threads(1)
+    it = iter(SimPanels(shape, seed, (2.0, 40.0), noise_draws=draws))
+    panels, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x, _ = next(it)
+        panels += x.shape[0]
+    dt = time.perf_counter() - t0
+    return {"noise_draws": draws, "panels": panels, "seconds": round(dt, 2), "panels_per_s": round(panels / dt, 1)}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="peaknet-atto,peaknet-small")
@@ -96,7 +113,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--size", type=int, nargs=2, default=(352, 384), metavar=("H", "W"), help="panel size")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--data-draws", default="",
+                    help="instead of steps: one data worker's panels/s per noise-draw count, e.g. 1,4")
+    ap.add_argument("--data-seconds", type=float, default=20.0, help="seconds per --data-draws count")
     args = ap.parse_args(argv)
+    if args.data_draws:
+        rows = []
+        print(f"{'noise draws':>12}{'panels':>8}{'s':>8}{'panels/s':>10}", flush=True)
+        for draws in (int(d) for d in args.data_draws.split(",")):
+            r = data_rate(draws, args.data_seconds)
+            print(f"{r['noise_draws']:>12}{r['panels']:>8}{r['seconds']:>8}{r['panels_per_s']:>10}", flush=True)
+            rows.append(r)
+        if args.json:
+            args.json.write_text(json.dumps({"data": rows}, indent=1))
+        return 0
     device = pick_device(args.device)
     rows = []
     print(f"{'preset':<15}{'mode':<18}{'batch':>6}{'warm s':>8}{'ms/step':>9}{'steps/s':>9}{'panels/s':>10}{'GiB':>7}",

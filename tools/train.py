@@ -105,10 +105,10 @@ class SimPanels(torch.utils.data.IterableDataset):
     """Endless (images (k,1,h,w) float32 raw, masks (k,h,w) uint8) chunks, one simulated frame each."""
 
     def __init__(self, shape: tuple[int, int, int], seed: int, snr: tuple[float, float],
-                 frames_per_config: int = 4, bragg_fraction: float = 0.2, stream: int = 0):
+                 frames_per_config: int = 4, bragg_fraction: float = 0.2, stream: int = 0, noise_draws: int = 1):
         super().__init__()
         self.shape, self.seed, self.snr, self.frames_per_config = shape, seed, snr, frames_per_config
-        self.bragg_fraction, self.stream = bragg_fraction, stream
+        self.bragg_fraction, self.stream, self.noise_draws = bragg_fraction, stream, noise_draws
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -127,9 +127,13 @@ class SimPanels(torch.utils.data.IterableDataset):
             else:
                 sim = DiffractionSimulator(random_train_config(rng, self.shape), int(rng.integers(2**31)))
             for seq in range(self.frames_per_config):
-                frame = sim.simulate(seq)
-                data = torch.from_numpy(np.ascontiguousarray(frame.data, dtype=np.float32))
-                yield data.unsqueeze(1), torch.from_numpy(np.ascontiguousarray(frame.mask, dtype=np.uint8))
+                if isinstance(sim, DiffractionSimulator):
+                    frames = sim.simulate_draws(seq, self.noise_draws)
+                else:
+                    frames = [sim.simulate(seq)]
+                for frame in frames:
+                    data = torch.from_numpy(np.ascontiguousarray(frame.data, dtype=np.float32))
+                    yield data.unsqueeze(1), torch.from_numpy(np.ascontiguousarray(frame.mask, dtype=np.uint8))
 
 
 class Feeder:
@@ -398,6 +402,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="continue from <out>.ckpt.pt when it exists (weights, optimiser, step, schedule, log)")
     ap.add_argument("--schedule-minutes", type=float, default=None,
                     help="training time the LR schedule spans over all resumed runs (default: --minutes)")
+    ap.add_argument("--noise-draws", type=int, default=1,
+                    help="noise draws per simulated diffraction expectation (more distinct panels per second)")
     ap.add_argument("--bragg-fraction", type=float, default=0.2,
                     help="share of training chunks from the random-spot simulator (the rest: diffraction)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (tests)")
@@ -433,7 +439,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_index = 0 if state is None else int(state["run_index"]) + 1
 
     # Workers are forked before CUDA is touched.
-    feeder = Feeder(SimPanels(shape, args.seed, snr, bragg_fraction=args.bragg_fraction, stream=run_index), workers)
+    feeder = Feeder(SimPanels(shape, args.seed, snr, bragg_fraction=args.bragg_fraction, stream=run_index,
+                              noise_draws=args.noise_draws), workers)
 
     torch.manual_seed(args.seed)
     model, _ = build_model(args.preset)
