@@ -347,9 +347,10 @@ class DiffractionSimulator:
 
     def simulate_draws(self, seq: int, draws: int) -> list[SimFrame]:
         """`draws` frames of one expectation (crystal, orientation, background): the same truth,
-        mask and meta, independent photon and readout noise. Why: the expectation costs about
-        three times the noise, and a trainer that sees each panel many times learns its noise;
-        several draws give it more distinct panels per second. The first is `simulate(seq)`."""
+        mask and meta, independent photon and readout noise. Why: the expectation (crystal,
+        reflections, background) costs more than the noise, and a trainer that sees each panel
+        many times learns its noise; several draws give it more distinct panels per second
+        (tools/bench_train.py --data-draws). The first is `simulate(seq)`."""
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, int(seq) + 1])
         energy = cfg.photon_energy_ev * (1 + rng.normal(0.0, 5e-4))

@@ -494,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"best score {best_score:.4f} at step {best_step}", flush=True)
     log["runs"].append({"run": run_index, "start_step": step, "args": {k: str(v) for k, v in vars(args).items()}})
     # Reserve time at the end for a last validation, the threshold sweep and the save.
-    reserve = 25.0 if gpu else 15.0
+    reserve = (25.0 + (10.0 if sample_val is not None else 0.0)) if gpu else 15.0
     train_end = deadline - reserve
     min_fill = min(pool_size, batch * 4)
     while pool.filled < min_fill and time.monotonic() < train_end:
