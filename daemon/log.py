@@ -89,7 +89,8 @@ class WorkerLogWriter:
     its newline in two calls, so a supervisor event written between them lands on the same line:
     a log shipper then gets neither event. Here an actor's line that is a JSON object (every
     structlog event) passes unchanged; anything else (a traceback, a library's print) becomes an
-    event of its own, `worker_output`, with the line, the process id and the actor's name.
+    event of its own, `worker_output`, with the line, the process id and the actor's name (level
+    warning from stderr, where tracebacks and library warnings go; info from stdout).
     Ray's de-duplication of repeated lines is not applied: every line is kept."""
 
     def __init__(self, handler: logging.Handler, clock: Callable[[], float] = time.time,
@@ -126,7 +127,8 @@ class WorkerLogWriter:
         stamp = datetime.datetime.fromtimestamp(self._clock(), datetime.timezone.utc).isoformat()
         event = {"event": "worker_output", "line": text, "pid": data.get("pid"),
                  "actor": data.get("actor_name") or data.get("task_name") or None,
-                 "stream": "stderr" if data.get("is_err") else "stdout", "level": "info",
+                 "stream": "stderr" if data.get("is_err") else "stdout",
+                 "level": "warning" if data.get("is_err") else "info",  # stderr that is no event: a warning or a traceback
                  "logger": "ray.worker", "timestamp": stamp.replace("+00:00", "Z")}
         return json.dumps(event) + "\n"
 

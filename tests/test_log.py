@@ -71,7 +71,12 @@ def test_worker_lines_become_whole_json_lines(restore_logging):
     assert [ln["line"] for ln in lines[1:]] == ["Traceback (most recent call last):", '{"not": "closed"']
     assert {(ln["event"], ln["pid"], ln["actor"], ln["stream"]) for ln in lines[1:]} == {
         ("worker_output", 4242, "PipelineActor", "stderr")}
-    assert lines[1]["timestamp"] == "1970-01-01T00:00:00Z"
+    assert lines[1]["timestamp"] == "1970-01-01T00:00:00Z" and lines[1]["level"] == "warning"
+    buf.seek(0)
+    buf.truncate(0)
+    writer({"pid": 7, "is_err": False, "lines": ["progress 10 %"]})
+    assert json.loads(buf.getvalue())["level"] == "info"  # stdout: information, not a warning
+    buf.seek(0)
     buf.truncate(0)
     writer({"pid": "autoscaler", "lines": ["Resources", "-----", "Usage: 0/1 CPU"]})
     assert buf.getvalue() == ""  # the autoscaler's periodic status is not the daemon's log
