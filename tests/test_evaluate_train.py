@@ -218,3 +218,25 @@ def test_sim_panels_repeat_an_expectation_with_new_noise():
     (x1, y1), (x2, y2), (x3, y3) = next(it), next(it), next(it)
     assert torch.equal(y1, y2) and not torch.equal(x1, x2)  # one expectation, two noise draws
     assert x3.shape == x1.shape  # then the next config
+
+
+def test_checkpoints_are_scored_where_the_sample_run_stays_precise(monkeypatch):
+    """A checkpoint's score is taken at the lowest threshold that keeps the sample run's
+    precision >= 0.97, so one that marks noise on quiet frames pays for it in recall."""
+    sample_val, val, asked = object(), object(), []
+
+    def fake_validate(model, which, thresholds, batch, amp, min_pixels=1):
+        asked.append((which, tuple(thresholds)))
+        def summary(t):  # precision rises with the threshold, recall falls
+            p = 0.90 + 0.1 * t if which is sample_val else 0.99
+            return {"overall": {"precision": p, "recall": 1 - t / 2, "f1": 0.9},
+                    "cumulative": {">=3": {"recall": 1 - t / 2, "f1": 0.9}, ">=5": {"f1": 0.9, "rms_px": 0.2}},
+                    "bins": {"3-5": {"f1": 0.8}}}
+        return {t: summary(t) for t in thresholds}
+
+    monkeypatch.setattr(train, "validate", fake_validate)
+    score, row = train.checkpoint_score(None, val, sample_val, 8, False)
+    assert row["threshold"] == 0.7 and row["sample_precision"] >= 0.97  # 0.90 + 0.1 t >= 0.97 from t = 0.7
+    assert asked[-1] == (val, (0.7,)) and score == pytest.approx(2 * 0.99 * 0.65 / (0.99 + 0.65))
+    score_plain, row_plain = train.checkpoint_score(None, val, None, 8, False)
+    assert row_plain["threshold"] == 0.5 and score_plain > score  # without the sample run: 0.5
