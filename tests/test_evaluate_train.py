@@ -215,7 +215,7 @@ def test_sample_run_valset_holds_its_truth():
 
 def test_sim_panels_repeat_an_expectation_with_new_noise():
     it = iter(train.SimPanels((2, 64, 64), 5, (2.0, 40.0), frames_per_config=1, bragg_fraction=0.0, noise_draws=2))
-    (x1, y1), (x2, y2), (x3, y3) = next(it), next(it), next(it)
+    (x1, y1), (x2, y2), (x3, _) = next(it), next(it), next(it)
     assert torch.equal(y1, y2) and not torch.equal(x1, x2)  # one expectation, two noise draws
     assert x3.shape == x1.shape  # then the next config
 
