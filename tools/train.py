@@ -311,15 +311,21 @@ def sample_run_valset(frames: int, device: torch.device) -> Optional[ValSet]:
     return ValSet(images.to(device), truths, [None] * len(truths), None)
 
 
+SAMPLE_RUN_PRECISION = 0.97  # the release bar on the bundled sample run
+
+
+def keeps_sample_run(summary: dict[str, Any]) -> bool:
+    """Whether a sample-run summary meets the release bar for precision."""
+    return summary["overall"]["precision"] >= SAMPLE_RUN_PRECISION
+
+
 def pick_operating_point(sweep: dict[tuple[float, int], dict[str, Any]],
-                         sample: Optional[dict[tuple[float, int], dict[str, Any]]],
-                         min_precision: float = 0.97) -> tuple[float, int]:
-    """(threshold, min_pixels) with the best validation score, among those that keep precision
-    >= `min_precision` on the sample run when it was checked (all of them if none does)."""
+                         sample: Optional[dict[tuple[float, int], dict[str, Any]]]) -> tuple[float, int]:
+    """(threshold, min_pixels) with the best validation score, among those that keep the sample
+    run's precision at the release bar when it was checked (all of them if none does)."""
     keys = list(sweep)
     if sample is not None:
-        ok = [k for k in keys if sample[k]["overall"]["precision"] >= min_precision]
-        keys = ok or keys
+        keys = [k for k in keys if keeps_sample_run(sample[k])] or keys
     return max(keys, key=lambda k: (round(val_score(sweep[k]), 3), k[1] == 1, -abs(k[0] - 0.5)))
 
 
@@ -355,17 +361,16 @@ def validate(model: torch.nn.Module, val: ValSet, thresholds: tuple[float, ...],
 
 
 def checkpoint_score(model: torch.nn.Module, val: ValSet, sample_val: Optional[ValSet], batch: int,
-                     amp: bool, min_precision: float = 0.97) -> tuple[float, dict[str, Any]]:
+                     amp: bool) -> tuple[float, dict[str, Any]]:
     """What 'best checkpoint' means: the validation score at the threshold the release rule
-    would allow, the lowest that keeps precision >= `min_precision` on the sample run (the
-    highest swept when none does; 0.5 without the sample run). So weights that mark noise on
-    quiet frames pay for it in recall, as they would at their operating point."""
+    would allow, the lowest that keeps the sample run's precision at the bar (the highest swept
+    when none does; 0.5 without the sample run). So weights that mark noise on quiet frames pay
+    for it in recall, as they would at their operating point."""
     thr = 0.5
     extra: dict[str, Any] = {}
     if sample_val is not None:
         on_sample = validate(model, sample_val, THRESHOLDS, batch, amp)
-        ok = [t for t in THRESHOLDS if on_sample[t]["overall"]["precision"] >= min_precision]
-        thr = min(ok) if ok else max(THRESHOLDS)
+        thr = min((t for t in THRESHOLDS if keeps_sample_run(on_sample[t])), default=max(THRESHOLDS))
         extra = {"sample_precision": round(on_sample[thr]["overall"]["precision"], 4)}
     res = validate(model, val, (thr,), batch, amp)[thr]
     return val_score(res), {**brief(res), "threshold": thr, **extra}
@@ -412,7 +417,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--val-frames", type=int, default=None, help="validation frames of --panels-per-sim panels (default 64 GPU, 4 CPU)")
     ap.add_argument("--val-every", type=float, default=60.0, help="seconds between validations")
     ap.add_argument("--sample-frames", type=int, default=None,
-                    help="frames of the bundled sample run the threshold sweep checks precision on (default 20 GPU, 0 CPU)")
+                    help="frames of the bundled sample run that checkpoint scores and the threshold sweep "
+                         "keep at precision >= 0.97 (default 20 GPU, 0 CPU)")
     ap.add_argument("--seed", type=int, default=1, help="training data seed (evaluation uses 12345)")
     ap.add_argument("--val-seed", type=int, default=777)
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (fresh optimiser)")
