@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train import build_model, normalise, pick_device, seg_loss  # noqa: E402
+from train import build_model, forward_backward, optimiser_step, pick_device  # noqa: E402
 
 
 def panels(n: int, h: int, w: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,18 +52,11 @@ def time_steps(preset: str, batch: int, mode: str, steps: int, device: torch.dev
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
     x_all, y_all = panels(batch * 2, h, w, device)
 
-    def step(i: int) -> torch.Tensor:
+    def step(i: int) -> torch.Tensor:  # train.py's step, on the same functions
         sel = slice((i % 2) * batch, (i % 2 + 1) * batch)
-        x = normalise(x_all[sel])
-        if gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=gpu):
-            logits = step_model(x)
-        loss, _ = seg_loss(logits, y_all[sel])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, _ = forward_backward(step_model, x_all[sel], y_all[sel], amp=gpu)
+        optimiser_step(model, opt)
         return loss.detach()
 
     def sync() -> None:

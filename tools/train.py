@@ -234,6 +234,26 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alp
     return focal + dice_weight * dice, {"focal": focal.detach(), "dice": dice.detach()}
 
 
+def forward_backward(step_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch's gradients: normalise raw panels, forward (bf16 autocast when `amp`), loss,
+    backward. channels_last on the GPU, as the model is there."""
+    x = normalise(x)
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = step_model(x)
+    loss, parts = seg_loss(logits, y)
+    loss.backward()
+    return loss, parts
+
+
+def optimiser_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Clip the gradients' norm to 1, then step."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def build_model(preset: str) -> tuple[torch.nn.Module, Any]:
     m = config_from_dict({"model": {"preset": preset}}).model
     if m.kind != "peaknet":
@@ -548,23 +568,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             g["lr"] = lr_at(frac, args.lr)
         drain(feeder, pool, 8)
         x, y = pool.batch(batch, gen)
-        x = normalise(x)
-        if gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
         try:
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits = step_model(x)
-            loss, parts = seg_loss(logits, y)
-            loss.backward()
+            loss, parts = forward_backward(step_model, x, y, amp)
         except Exception as exc:  # a torch.compile failure: fall back to eager, keep training
             if step_model is model:
                 raise
             print(f"[train] torch.compile failed ({exc!r:.300}); continuing eager", flush=True)
             step_model = model
             continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimiser_step(model, opt)
         step += 1
         if step == first_step + 1:
             train_start = time.monotonic()
